@@ -1,0 +1,303 @@
+"""The frozen CLIP teacher shared by every method (open_clip models).
+
+The teacher gives, in CLIP's joint embedding space:
+
+* text embeddings of class names from prompt templates (template ensembles are averaged over
+  the L2-normalised per-template embeddings, then re-normalised), cached on disk;
+* the image (CLS) embedding and the dense patch embeddings of images of any size: patch tokens
+  after the final LayerNorm, multiplied by the visual projection, on an ``H/p × W/p`` grid, with
+  the position embeddings interpolated to that grid.
+
+It is always frozen and in eval mode; methods never checkpoint its weights (the method base
+re-inserts them from this teacher when a checkpoint is loaded) and record only
+:meth:`CLIPTeacher.describe`, i.e. where the weights came from.
+
+Weights come from a local file (``pretrained=/path/to/ViT-B-16.pt``: OpenAI's TorchScript
+archive, an open_clip ``.pt``/``.bin`` state dict or a ``.safetensors`` file) or an open_clip
+pretrained tag (``pretrained=openai``, which needs network access to download). Random weights
+are used only when the config says ``random_init: true``; they are drawn from a dedicated
+generator seeded by ``random_init_seed``, so the same config always gives the same teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zeroseg.clip.prompts import fill_templates, resolve_templates
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CLIPTeacher", "read_state_dict", "interpolate_position_embedding"]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
+    """Read CLIP weights from a TorchScript archive, a pickled state dict or safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP weights file {str(path)!r} does not exist (clip.pretrained)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        elif zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            # OpenAI's released ViT-B-16.pt is a TorchScript archive
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"could not read CLIP weights from {str(path)!r}: {error}") from error
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(f"CLIP weights file {str(path)!r} holds no state dict (got {type(state).__name__})")
+    state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    if next(iter(state)).startswith("module."):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def interpolate_position_embedding(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Bicubically resize the patch part of a ``(1 + h·w, C)`` position embedding to ``grid``."""
+    cls_pos, patch_pos = pos_embed[:1], pos_embed[1:]
+    side = int(round(patch_pos.shape[0] ** 0.5))
+    if side * side != patch_pos.shape[0]:
+        raise ValueError(f"position embedding with {patch_pos.shape[0]} patch positions is not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)], dim=0)
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        array = tensor.detach().cpu().contiguous()
+        if array.dtype == torch.bfloat16:
+            array = array.view(torch.int16)
+        digest.update(np.ascontiguousarray(array.numpy()).data)
+    return digest.hexdigest()
+
+
+class CLIPTeacher(nn.Module):
+    """A frozen open_clip ViT giving text, CLS and dense patch embeddings.
+
+    Args:
+        arch: open_clip architecture name (``ViT-B-16``); ignored for the layout when
+            ``model_cfg`` is given, but still recorded.
+        pretrained: local weights file or open_clip tag; ``None`` requires ``random_init``.
+        random_init: explicitly allow random weights (tests, debugging).
+        random_init_seed: seed of the random weights.
+        model_cfg: an open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for
+            architectures open_clip does not register (the toy CLIP).
+        templates: a template-set name or a list of templates.
+        cache_dir: where text embeddings are cached (``None``: no disk cache).
+        text_batch_size: prompts per text-encoder forward.
+    """
+
+    def __init__(
+        self,
+        arch: str = "ViT-B-16",
+        pretrained: Optional[str] = None,
+        random_init: bool = False,
+        random_init_seed: int = 0,
+        model_cfg: Optional[Mapping[str, Any]] = None,
+        templates: Union[str, Sequence[str]] = "single",
+        cache_dir: Optional[str] = None,
+        text_batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if pretrained is None and not random_init:
+            raise ValueError(
+                "clip.pretrained is not set: give a local CLIP weights file (e.g. clip.pretrained=/path/ViT-B-16.pt) "
+                "or an open_clip tag; random weights need clip.random_init=true"
+            )
+        self.arch = arch
+        self.pretrained = str(pretrained) if pretrained is not None else None
+        self.random_init = bool(random_init and pretrained is None)
+        self.random_init_seed = random_init_seed
+        self.templates = resolve_templates(templates)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.text_batch_size = text_batch_size
+        self.model_cfg = dict(model_cfg) if model_cfg is not None else None
+        self.model = self._build_model()
+        self.model.requires_grad_(False)
+        self.model.eval()
+        visual = self.model.visual
+        if not isinstance(visual, open_clip.transformer.VisionTransformer):
+            raise ValueError(f"clip.arch={arch!r}: dense features need an open_clip VisionTransformer, got {type(visual).__name__}")
+        if visual.attn_pool is not None or visual.final_ln_after_pool:
+            raise ValueError(f"clip.arch={arch!r}: attention pooling / final_ln_after_pool visual towers are not supported")
+        preprocess = getattr(visual, "preprocess_cfg", {}) or {}
+        self.register_buffer("pixel_mean", torch.tensor(preprocess.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(preprocess.get("std", OPENAI_STD)).view(1, 3, 1, 1), persistent=False)
+        context_length = self.model.context_length
+        if self.model_cfg is not None:
+            self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        else:
+            self.tokenizer = open_clip.get_tokenizer(arch, context_length=context_length)
+        self._text_fingerprint: Optional[str] = None
+
+    # -- construction -------------------------------------------------------------------------
+    def _build_model(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_init_seed)
+            if self.model_cfg is not None:
+                model = open_clip.CLIP(**self.model_cfg)
+            else:
+                if self.arch not in open_clip.list_models():
+                    raise ValueError(f"clip.arch={self.arch!r} is not an open_clip architecture (see open_clip.list_models())")
+                is_tag = self.pretrained is not None and not Path(self.pretrained).exists() and "/" not in self.pretrained
+                if is_tag:
+                    try:
+                        return open_clip.create_model(self.arch, pretrained=self.pretrained)
+                    except Exception as error:  # noqa: BLE001
+                        raise ValueError(
+                            f"clip.pretrained={self.pretrained!r}: could not load this open_clip tag for {self.arch} "
+                            f"({error}); without network access give a local weights file instead"
+                        ) from error
+                model = open_clip.create_model(self.arch, pretrained=None)
+        if self.pretrained is not None:
+            self._load_weights(model, self.pretrained)
+        return model
+
+    def _load_weights(self, model: nn.Module, path: str) -> None:
+        state = read_state_dict(path)
+        state = open_clip.factory.convert_state_dict(model, state)
+        if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+            state = open_clip.model.convert_to_custom_text_state_dict(state)
+        open_clip.model.resize_pos_embed(state, model)
+        expected = model.state_dict()
+        mismatched = [
+            f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if mismatched or missing or unexpected:
+            raise ValueError(
+                f"CLIP weights {path!r} do not fit clip.arch={self.arch!r}: "
+                f"{len(mismatched)} shape mismatches {mismatched[:3]}, {len(missing)} missing keys {missing[:3]}, "
+                f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+            )
+        model.load_state_dict(state, strict=True)
+        log.info("CLIP teacher %s loaded from %s", self.arch, path)
+
+    def train(self, mode: bool = True) -> "CLIPTeacher":
+        # the teacher is frozen: Lightning's model.train() must not switch it to train mode
+        return super().train(False)
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.model.visual.patch_size)  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        """Where the teacher came from; stored in method checkpoints instead of its weights."""
+        return {
+            "arch": self.arch,
+            "pretrained": self.pretrained,
+            "random_init": self.random_init,
+            "random_init_seed": self.random_init_seed if self.random_init else None,
+            "model_cfg": self.model_cfg,
+            "templates": list(self.templates),
+            "embed_dim": self.embed_dim,
+        }
+
+    # -- text -------------------------------------------------------------------------------------
+    def _text_weights_fingerprint(self) -> str:
+        if self._text_fingerprint is None:
+            text_tensors = [t for n, t in self.model.state_dict().items() if not n.startswith("visual.")]
+            self._text_fingerprint = _fingerprint(text_tensors)
+        return self._text_fingerprint
+
+    def _cache_path(self, class_names: Sequence[str]) -> Optional[Path]:
+        if self.cache_dir is None:
+            return None
+        key = json.dumps(
+            {
+                "arch": self.arch,
+                "weights": self._text_weights_fingerprint(),
+                "templates": list(self.templates),
+                "class_names": list(class_names),
+                "context_length": self.model.context_length,
+            },
+            sort_keys=True,
+        )
+        return self.cache_dir / f"text_{hashlib.sha1(key.encode()).hexdigest()}.pt"
+
+    @torch.no_grad()
+    def encode_text(self, class_names: Sequence[str]) -> Tensor:
+        """L2-normalised text embeddings ``(len(class_names), D)``, template-ensembled, on CPU."""
+        class_names = list(class_names)
+        if not class_names:
+            raise ValueError("encode_text: no class names given")
+        cache_path = self._cache_path(class_names)
+        if cache_path is not None and cache_path.is_file():
+            return torch.load(cache_path, map_location="cpu", weights_only=True)
+        prompts = fill_templates(self.templates, class_names)
+        device = next(self.model.parameters()).device
+        chunks = []
+        for start in range(0, len(prompts), self.text_batch_size):
+            tokens = self.tokenizer(prompts[start : start + self.text_batch_size]).to(device)
+            chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        per_template = torch.cat(chunks).reshape(len(class_names), len(self.templates), -1)
+        embeddings = F.normalize(per_template.mean(dim=1), dim=-1).cpu()
+        if cache_path is not None:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            # write-then-rename: concurrent DDP ranks never read a half-written file
+            tmp_path = cache_path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(embeddings, tmp_path)
+            os.replace(tmp_path, cache_path)
+        return embeddings
+
+    # -- images -----------------------------------------------------------------------------------
+    def normalize(self, images: Tensor) -> Tensor:
+        """Images in ``[0, 1]`` → CLIP-normalised input."""
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(cls (B, D), dense (B, D, H/p, W/p))`` for images ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        Both are in the joint space and not normalised. ``dense`` are the patch tokens after the
+        final LayerNorm times the visual projection.
+        """
+        visual = self.model.visual
+        x = visual.conv1(self.normalize(images).to(visual.conv1.weight.dtype))
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_token, x], dim=1)
+        x = x + interpolate_position_embedding(visual.positional_embedding, grid).to(x.dtype)
+        x = visual.ln_pre(x)
+        x = visual.transformer(x)
+        x = visual.ln_post(x)
+        pooled, tokens = visual._global_pool(x)
+        cls_embedding = pooled @ visual.proj
+        dense = tokens @ visual.proj
+        dense = dense.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+        return cls_embedding, dense

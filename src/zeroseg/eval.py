@@ -1,0 +1,50 @@
+"""``python -m zeroseg.eval ckpt_path=... [overrides]``: test a checkpoint.
+
+Compose the same dataset / clip / backbone / method choices as the training run; the checkpoint's
+recorded class split is checked against the configured dataset. Writes ``metrics.json`` into
+the run's output directory and prints the table.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from zeroseg.build import build_run, check_checkpoint_path
+from zeroseg.train import _save_resolved_config, write_run_outputs
+from zeroseg.utils import task_wrapper
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "main"]
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Test ``cfg.ckpt_path`` on the test split of ``cfg.dataset``; return (metrics, objects)."""
+    ckpt_path = check_checkpoint_path(cfg.get("ckpt_path"))
+    if ckpt_path is None:
+        raise ValueError("eval needs ckpt_path=<checkpoint file>")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    _save_resolved_config(cfg)
+    objects = build_run(cfg, with_callbacks=False)
+    model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
+    trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {**model.test_results, "ckpt_path": ckpt_path}
+    write_run_outputs(cfg, metrics, set(datamodule.split.unseen_class_names), title="eval")
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path="pkg://zeroseg.conf", config_name="eval")
+def main(cfg: DictConfig) -> Optional[float]:
+    metrics, _ = evaluate(cfg)
+    return float(metrics["hIoU"])
+
+
+if __name__ == "__main__":
+    main()

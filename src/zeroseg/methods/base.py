@@ -1,0 +1,255 @@
+"""What every zeroseg method shares: class bookkeeping, text embeddings, evaluation, optimisation,
+checkpoint hygiene.
+
+A method subclasses :class:`ZSSMethod` and provides two things:
+
+* :meth:`ZSSMethod.training_losses` — the paper's training objective on one batch, returning a
+  dict of named loss terms whose ``"loss"`` entry is optimised (every entry is logged under
+  ``train/``);
+* :meth:`ZSSMethod.predict_logits` — dense logits ``(B, C, h, w)`` of images against a given set
+  of class text embeddings (any resolution; the base resizes to the label size).
+
+The base owns the rest. Training sees only :attr:`train_class_names` (the seen classes in the
+inductive setting) and their text embeddings :attr:`train_text_embeddings`; validation and test
+classify over all classes (:attr:`class_text_embeddings`) into :class:`~zeroseg.metrics.HarmonicIoU`.
+The frozen CLIP teacher is a submodule (so it follows the device) but is never written into
+checkpoints: :meth:`on_save_checkpoint` drops it and records where it came from, and
+:meth:`on_load_checkpoint` re-inserts the current teacher's weights after checking that the
+checkpoint's classes are the configured ones. Checkpoints also carry the RNG states, so a
+resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, Mapping, Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zeroseg.clip.teacher import CLIPTeacher
+from zeroseg.data.splits import ClassSplit, Setting, check_setting
+from zeroseg.metrics import SUMMARY_KEYS, HarmonicIoU
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ZSSMethod", "CheckpointMismatchError"]
+
+TEACHER_PREFIX = "teacher."
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for other classes or another split than the configured one."""
+
+
+def _capture_rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "python": [list(random.getstate()[1]), random.getstate()[0]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        ("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"],
+         numpy_state["cached_gaussian"])
+    )
+    python_internal, python_version = state["python"]
+    random.setstate((python_version, tuple(python_internal), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ZSSMethod(L.LightningModule):
+    """Base LightningModule of all zero-shot segmentation methods.
+
+    Args:
+        split: the dataset's classes and unseen subset (from the datamodule).
+        setting: ``inductive`` or ``transductive`` (from the datamodule).
+        teacher: the frozen CLIP teacher.
+        optimizer: a partially-applied optimizer (Hydra ``_partial_``), completed with the
+            parameter groups of :meth:`parameter_groups`.
+        scheduler: a partially-applied LR scheduler completed with the optimizer, stepped every
+            optimizer step; ``None`` for a constant LR.
+        lr_multipliers: ``{module-name prefix: factor}``; a parameter takes the factor of the
+            longest matching prefix (e.g. ``{head: 10.0}``, the SegFormer recipe).
+        no_weight_decay_on_norm_and_bias: exclude 1-d parameters (norm weights, biases) from
+            weight decay.
+    """
+
+    def __init__(
+        self,
+        split: ClassSplit,
+        setting: Setting,
+        teacher: CLIPTeacher,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Optional[Callable[..., Any]] = None,
+        lr_multipliers: Optional[Mapping[str, float]] = None,
+        no_weight_decay_on_norm_and_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.split = split
+        self.setting = check_setting(setting)
+        self.teacher = teacher
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self.no_weight_decay_on_norm_and_bias = no_weight_decay_on_norm_and_bias
+        self.class_names: tuple[str, ...] = split.class_names
+        self.train_class_names: tuple[str, ...] = split.train_class_names(setting)
+        self.unseen_class_ids: list[int] = split.unseen_class_ids
+        self.ignore_index = split.ignore_index
+        # text embeddings are a function of the teacher: recomputed, never checkpointed
+        self.register_buffer("train_text_embeddings", teacher.encode_text(self.train_class_names), persistent=False)
+        self.register_buffer("class_text_embeddings", teacher.encode_text(self.class_names), persistent=False)
+        self.val_metric = HarmonicIoU(split.num_classes, self.unseen_class_ids, self.ignore_index)
+        self.test_metric = HarmonicIoU(split.num_classes, self.unseen_class_ids, self.ignore_index)
+        self.test_results: dict[str, Any] = {}
+
+    # -- what a method implements ----------------------------------------------------------------
+    def training_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Named loss terms of one training batch; ``"loss"`` is the total that is optimised."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_losses()")
+
+    def predict_logits(self, images: Tensor, class_embeddings: Tensor) -> Tensor:
+        """Dense logits ``(B, len(class_embeddings), h, w)`` of images in ``[0, 1]``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict_logits()")
+
+    # -- shared helpers -------------------------------------------------------------------------
+    @staticmethod
+    def resize_to(logits: Tensor, size: tuple[int, int]) -> Tensor:
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits over ALL classes at the input resolution (inference)."""
+        return self.resize_to(self.predict_logits(images, self.class_text_embeddings), images.shape[-2:])
+
+    # -- Lightning steps --------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        losses = self.training_losses(batch)
+        batch_size = batch["image"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
+        return losses["loss"]
+
+    def _evaluate(self, batch: Mapping[str, Tensor], metric: HarmonicIoU) -> None:
+        labels = batch["label"]
+        logits = self.resize_to(self.predict_logits(batch["image"], self.class_text_embeddings), labels.shape[-2:])
+        metric.update(logits.argmax(dim=1), labels)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        # no per-step logging: under DDP ranks may hold different numbers of batches
+        self._evaluate(batch, self.val_metric)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metric)
+
+    def _log_summary(self, stage: str, metric: HarmonicIoU) -> dict[str, Any]:
+        results = metric.compute()
+        metric.reset()
+        scalars = {f"{stage}/{k}": float(results[k]) for k in SUMMARY_KEYS}
+        # identical on every rank already (the confusion matrix was summed), so no sync here
+        self.log_dict(scalars, sync_dist=False)
+        per_class = results["per_class_iou"].tolist()
+        return {
+            **{k: float(results[k]) for k in SUMMARY_KEYS},
+            "per_class_iou": {name: value for name, value in zip(self.class_names, per_class)},
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_summary("val", self.val_metric)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_summary("test", self.test_metric)
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def _lr_multiplier(self, name: str) -> float:
+        best, factor = -1, 1.0
+        for prefix, value in self.lr_multipliers.items():
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                best, factor = len(prefix), float(value)
+        return factor
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by LR multiplier and weight-decay eligibility."""
+        base = getattr(self.optimizer_factory, "keywords", {})
+        base_lr, base_wd = base.get("lr"), base.get("weight_decay", 0.0)
+        unknown = [p for p in self.lr_multipliers if not any(n == p or n.startswith(p + ".") for n, _ in self.named_parameters())]
+        if unknown:
+            raise ValueError(f"method.lr_multipliers names {unknown}, which match no parameter of {type(self).__name__}")
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad or name.startswith(TEACHER_PREFIX):
+                continue
+            decay = not (self.no_weight_decay_on_norm_and_bias and parameter.ndim <= 1)
+            groups.setdefault((self._lr_multiplier(name), decay), []).append(parameter)
+        if not groups:
+            raise ValueError(f"{type(self).__name__} has no trainable parameters")
+        result = []
+        for (multiplier, decay), params in groups.items():
+            group: dict[str, Any] = {"params": params, "weight_decay": base_wd if decay else 0.0}
+            if base_lr is not None:
+                group["lr"] = base_lr * multiplier
+            result.append(group)
+        return result
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # -- checkpoint hygiene ----------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": type(self).__name__,
+            "split": self.split.to_dict(),
+            "setting": self.setting,
+            "train_class_names": list(self.train_class_names),
+            "teacher": self.teacher.describe(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)}
+        checkpoint["zeroseg"] = self.describe()
+        checkpoint["rng_states"] = _capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("zeroseg")
+        if info is None:
+            raise CheckpointMismatchError("checkpoint has no 'zeroseg' entry: it was not written by a zeroseg method")
+        saved_split = info["split"]
+        for key, current in (
+            ("class_names", list(self.class_names)),
+            ("unseen_class_names", list(self.split.unseen_class_names)),
+        ):
+            if list(saved_split[key]) != current:
+                raise CheckpointMismatchError(
+                    f"checkpoint split.{key} differs from the configured dataset '{self.split.name}': "
+                    f"checkpoint has {saved_split[key]}, config has {current}"
+                )
+        if info["method"] != type(self).__name__:
+            raise CheckpointMismatchError(f"checkpoint was written by method {info['method']}, config builds {type(self).__name__}")
+        if info["teacher"] != self.teacher.describe():
+            log.warning("checkpoint teacher %s differs from the configured teacher %s", info["teacher"], self.teacher.describe())
+        # strict loading expects the teacher's tensors: take them from the configured teacher
+        state = checkpoint["state_dict"]
+        for name, tensor in self.teacher.state_dict().items():
+            state[TEACHER_PREFIX + name] = tensor
+        if "rng_states" in checkpoint:
+            _restore_rng_state(checkpoint["rng_states"])

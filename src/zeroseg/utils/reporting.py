@@ -1,0 +1,56 @@
+"""Final metrics: ``metrics.json`` and the table printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from rich.console import Console
+from rich.table import Table
+
+from zeroseg.metrics import SUMMARY_KEYS
+
+__all__ = ["save_metrics_json", "format_metrics_table", "print_metrics_table"]
+
+
+def _json_number(value: float) -> Any:
+    # JSON has no NaN: an absent class is written as null
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def save_metrics_json(path: str | Path, metrics: Mapping[str, Any]) -> Path:
+    """Write flat ``sIoU, uIoU, hIoU, mIoU, pAcc`` plus ``per_class_iou`` ({class: IoU or null})."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {k: _json_number(float(metrics[k])) for k in SUMMARY_KEYS}
+    payload["per_class_iou"] = {name: _json_number(float(v)) for name, v in metrics["per_class_iou"].items()}
+    for key, value in metrics.items():
+        if key not in payload and isinstance(value, (int, float, str)):
+            payload[key] = _json_number(value) if isinstance(value, float) else value
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def format_metrics_table(metrics: Mapping[str, Any], unseen_class_names: set[str] | None = None, title: str = "test") -> Table:
+    unseen_class_names = unseen_class_names or set()
+    table = Table(title=f"zeroseg {title} metrics (%)")
+    for key in SUMMARY_KEYS:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{float(metrics[k]):.2f}" for k in SUMMARY_KEYS))
+    per_class = Table(title="per-class IoU (%)")
+    per_class.add_column("class")
+    per_class.add_column("split")
+    per_class.add_column("IoU", justify="right")
+    for name, value in metrics["per_class_iou"].items():
+        shown = "absent" if value is None or math.isnan(value) else f"{value:.2f}"
+        per_class.add_row(name, "unseen" if name in unseen_class_names else "seen", shown)
+    outer = Table.grid()
+    outer.add_row(table)
+    outer.add_row(per_class)
+    return outer
+
+
+def print_metrics_table(metrics: Mapping[str, Any], unseen_class_names: set[str] | None = None, title: str = "test") -> None:
+    Console().print(format_metrics_table(metrics, unseen_class_names, title))
