@@ -186,6 +186,9 @@ class CLIPTeacher(nn.Module):
             state = open_clip.model.convert_to_custom_text_state_dict(state)
         open_clip.model.resize_pos_embed(state, model)
         expected = model.state_dict()
+        # TorchScript archives also store non-persistent buffers (e.g. the causal attn_mask)
+        non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
+        state = {k: v for k, v in state.items() if k not in non_persistent}
         mismatched = [
             f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
             for k, v in state.items()

@@ -1,0 +1,96 @@
+"""Shared fixtures: the real config, composed once per test and pointed at the test's tmp_path,
+shrunk to a size that trains in seconds on one CPU core."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+# Small and fast: 32x32 scenes, 48 training images, resnet10t, a handful of steps.
+TINY_OVERRIDES: tuple[str, ...] = (
+    "backbone=resnet10t",
+    "logger=none",
+    "callbacks=minimal",
+    "dataset.train_dataset.num_images=48",
+    "dataset.train_dataset.image_size=32",
+    "dataset.val_dataset.num_images=9",
+    "dataset.test_dataset.num_images=11",
+    "dataset.batch_size=8",
+    "dataset.eval_batch_size=4",
+    "method.head.width=32",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+)
+
+
+def compose_config(
+    tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True
+) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as ``python -m zeroseg.<config_name>`` would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
+        all_overrides = [*(TINY_OVERRIDES if tiny else ()), *overrides]
+        cfg = compose(config_name=config_name, overrides=all_overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    def factory(overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True, subdir: str = "") -> DictConfig:
+        root = tmp_path / subdir if subdir else tmp_path
+        root.mkdir(parents=True, exist_ok=True)
+        return compose_config(root, overrides, config_name, tiny)
+
+    yield factory
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_and_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a 2-core CI box: keep each test on one thread; never reach for a hub
+    torch.set_num_threads(1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture
+def tiny_teacher():
+    from zeroseg.clip import CLIPTeacher
+
+    return CLIPTeacher(arch="tiny", random_init=True, model_cfg=TINY_CLIP_CFG)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
+    return env
