@@ -40,7 +40,8 @@ def compose_config(
     """Compose ``conf/<config_name>.yaml`` as ``python -m zeroseg.<config_name>`` would."""
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
-        all_overrides = [*(TINY_OVERRIDES if tiny else ()), *overrides]
+        tiny_overrides = [o for o in TINY_OVERRIDES if config_name == "train" or not o.startswith("callbacks=")]
+        all_overrides = [*(tiny_overrides if tiny else ()), *overrides]
         cfg = compose(config_name=config_name, overrides=all_overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
@@ -49,6 +50,8 @@ def compose_config(
         cfg.paths.log_dir = str(tmp_path / "logs")
         cfg.paths.data_dir = str(tmp_path / "data")
         cfg.paths.cache_dir = str(tmp_path / "cache")
+        # as under @hydra.main: the task sees no `hydra` node (the ${hydra:...} resolver still works)
+        del cfg["hydra"]
     return cfg
 
 
