@@ -34,9 +34,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
 )
 
 
-def compose_config(
-    tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True
-) -> DictConfig:
+def compose_config(tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``python -m zeroseg.<config_name>`` would."""
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES, subprocess_env
 from zeroseg.train import train
+
+from conftest import TINY_OVERRIDES, subprocess_env
 
 CLI_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("trainer.max_steps")]
 
@@ -23,7 +24,9 @@ def run_cli(args: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedP
 
 @pytest.mark.slow
 def test_multirun_of_two_jobs_from_another_directory(tmp_path: Path) -> None:
-    result = run_cli(["-m", "zeroseg.train", "-m", "method=baseline", "trainer.max_steps=2,3", *CLI_OVERRIDES], tmp_path, tmp_path)
+    result = run_cli(
+        ["-m", "zeroseg.train", "-m", "method=baseline", "trainer.max_steps=2,3", *CLI_OVERRIDES], tmp_path, tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics_files = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))
     assert len(metrics_files) == 2

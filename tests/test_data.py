@@ -114,9 +114,9 @@ def test_synthetic_scenes_are_deterministic_and_splits_disjoint() -> None:
     for i in range(4):
         assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["label"], b[i]["label"])
     assert not torch.equal(a[0]["image"], a[1]["image"])
-    from omegaconf import OmegaConf
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):

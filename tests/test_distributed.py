@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from zeroseg.train import train
+
 from conftest import TINY_OVERRIDES
 from test_cli import run_cli
-from zeroseg.train import train
 
 EVAL_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("callbacks=")]
 
@@ -23,8 +24,14 @@ def test_two_process_evaluation_on_an_odd_sized_set_equals_single_process(make_c
     results = {}
     for name, trainer_overrides in {
         "single": ["trainer=cpu"],
-        "ddp": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-                "trainer.sync_batchnorm=false", "trainer.benchmark=false"],
+        "ddp": [
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            "trainer.sync_batchnorm=false",
+            "trainer.benchmark=false",
+        ],
     }.items():
         run_dir = tmp_path / name
         result = run_cli([*common, *trainer_overrides, f"hydra.run.dir={run_dir}"], tmp_path, tmp_path)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroseg.clip import CLIPTeacher, resolve_templates
+
 from conftest import TINY_CLIP_CFG
 
 
@@ -48,7 +49,9 @@ def test_text_embeddings_are_normalised_ensembles_and_cached(tmp_path: Path) -> 
     torch.save(torch.zeros(3, 32), cache_files[0])
     assert torch.equal(teacher.encode_text(names), torch.zeros(3, 32))
     # another prompt set or other weights give another key
-    other = CLIPTeacher(arch="tiny", random_init=True, random_init_seed=1, model_cfg=TINY_CLIP_CFG, templates=templates, cache_dir=str(tmp_path))
+    other = CLIPTeacher(
+        arch="tiny", random_init=True, random_init_seed=1, model_cfg=TINY_CLIP_CFG, templates=templates, cache_dir=str(tmp_path)
+    )
     assert not torch.equal(other.encode_text(names), torch.zeros(3, 32))
     assert len(list(tmp_path.glob("text_*.pt"))) == 2
 

@@ -144,3 +144,11 @@ def test_lr_multipliers_and_weight_decay_groups(make_cfg) -> None:
     bad = make_cfg(["+method.lr_multipliers.neck=2.0"])
     with pytest.raises(ValueError, match=r"lr_multipliers names \['neck'\]"):
         build_run(bad)["model"].parameter_groups()
+
+
+def test_bf16_mixed_precision_trains_and_evaluates_on_cpu(make_cfg) -> None:
+    cfg = make_cfg(["trainer.precision=bf16-mixed", "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].precision == "bf16-mixed"
+    assert all(math.isfinite(metrics[k]) for k in ("sIoU", "mIoU", "pAcc"))
+    assert math.isfinite(metrics["train/loss"])

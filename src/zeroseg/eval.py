@@ -15,8 +15,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from zeroseg.build import build_run, check_checkpoint_path
-from zeroseg.train import _save_resolved_config, write_run_outputs
-from zeroseg.utils import task_wrapper
+from zeroseg.utils import save_resolved_config, task_wrapper, write_run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError("eval needs ckpt_path=<checkpoint file>")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    _save_resolved_config(cfg)
+    save_resolved_config(cfg)
     objects = build_run(cfg, with_callbacks=False)
     model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
     trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -9,36 +9,18 @@ training exactly: step, optimizer, scheduler, data order and RNG states.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 import hydra
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from zeroseg.build import build_run, check_checkpoint_path
-from zeroseg.utils import log_hyperparameters, print_metrics_table, save_metrics_json, task_wrapper
+from zeroseg.utils import log_hyperparameters, save_resolved_config, task_wrapper, write_run_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "main", "write_run_outputs"]
-
-
-@rank_zero_only
-def write_run_outputs(cfg: DictConfig, metrics: dict[str, Any], unseen_class_names: set[str], title: str) -> None:
-    """``metrics.json`` into the run's output dir, and the final table to the console."""
-    output_dir = Path(cfg.paths.output_dir)
-    path = save_metrics_json(output_dir / "metrics.json", metrics)
-    print_metrics_table(metrics, unseen_class_names, title=title)
-    log.info("metrics written to %s", path)
-
-
-@rank_zero_only
-def _save_resolved_config(cfg: DictConfig) -> None:
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+__all__ = ["train", "main"]
 
 
 @task_wrapper
@@ -47,7 +29,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = check_checkpoint_path(cfg.get("ckpt_path"))
-    _save_resolved_config(cfg)
+    save_resolved_config(cfg)
     objects = build_run(cfg)
     model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

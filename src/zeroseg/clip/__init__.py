@@ -1,4 +1,11 @@
 from zeroseg.clip.prompts import TEMPLATE_SETS, fill_templates, resolve_templates
 from zeroseg.clip.teacher import CLIPTeacher, interpolate_position_embedding, read_state_dict
 
-__all__ = ["CLIPTeacher", "TEMPLATE_SETS", "fill_templates", "interpolate_position_embedding", "read_state_dict", "resolve_templates"]
+__all__ = [
+    "CLIPTeacher",
+    "TEMPLATE_SETS",
+    "fill_templates",
+    "interpolate_position_embedding",
+    "read_state_dict",
+    "resolve_templates",
+]

@@ -143,7 +143,9 @@ class CLIPTeacher(nn.Module):
         self.model.eval()
         visual = self.model.visual
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
-            raise ValueError(f"clip.arch={arch!r}: dense features need an open_clip VisionTransformer, got {type(visual).__name__}")
+            raise ValueError(
+                f"clip.arch={arch!r}: dense features need an open_clip VisionTransformer, got {type(visual).__name__}"
+            )
         if visual.attn_pool is not None or visual.final_ln_after_pool:
             raise ValueError(f"clip.arch={arch!r}: attention pooling / final_ln_after_pool visual towers are not supported")
         preprocess = getattr(visual, "preprocess_cfg", {}) or {}

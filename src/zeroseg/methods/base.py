@@ -50,8 +50,12 @@ def _capture_rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
-                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
         "python": [list(random.getstate()[1]), random.getstate()[0]],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -63,8 +67,13 @@ def _restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
     np.random.set_state(
-        ("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"],
-         numpy_state["cached_gaussian"])
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
     )
     python_internal, python_version = state["python"]
     random.setstate((python_version, tuple(python_internal), None))
@@ -244,7 +253,9 @@ class ZSSMethod(L.LightningModule):
                     f"checkpoint has {saved_split[key]}, config has {current}"
                 )
         if info["method"] != type(self).__name__:
-            raise CheckpointMismatchError(f"checkpoint was written by method {info['method']}, config builds {type(self).__name__}")
+            raise CheckpointMismatchError(
+                f"checkpoint was written by method {info['method']}, config builds {type(self).__name__}"
+            )
         if info["teacher"] != self.teacher.describe():
             log.warning("checkpoint teacher %s differs from the configured teacher %s", info["teacher"], self.teacher.describe())
         # strict loading expects the teacher's tensors: take them from the configured teacher

@@ -40,8 +40,7 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, ignore_ind
         if bool(bad_target.any()):
             values = torch.unique(target[bad_target])[:10].tolist()
             raise ValueError(
-                f"HarmonicIoU: target contains class ids {values}, expected 0..{num_classes - 1} "
-                f"or ignore_index={ignore_index}"
+                f"HarmonicIoU: target contains class ids {values}, expected 0..{num_classes - 1} or ignore_index={ignore_index}"
             )
         bad_pred = (preds < 0) | (preds >= num_classes)
         if bool(bad_pred.any()):
@@ -135,9 +134,7 @@ class HarmonicIoU(Metric):
         self.num_classes = num_classes
         self.unseen_classes = unseen
         self.ignore_index = ignore_index
-        self.add_state(
-            "confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
-        )
+        self.add_state("confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         if preds.is_floating_point():

@@ -73,7 +73,11 @@ def load_backbone_weights(module: nn.Module, path: str, strict: bool = False) ->
     if result.missing_keys or result.unexpected_keys:
         log.warning(
             "backbone weights %s: %d missing keys %s, %d unexpected keys %s",
-            path, len(result.missing_keys), result.missing_keys[:5], len(result.unexpected_keys), result.unexpected_keys[:5],
+            path,
+            len(result.missing_keys),
+            result.missing_keys[:5],
+            len(result.unexpected_keys),
+            result.unexpected_keys[:5],
         )
     if not set(state) & set(expected):
         raise ValueError(f"backbone weights {path!r} share no key with the model: a checkpoint of another architecture?")
@@ -102,7 +106,9 @@ class TimmBackbone(Backbone):
         if model_name not in timm.list_models():
             raise ValueError(f"backbone.model_name={model_name!r} is not a timm model")
         self.model_name = model_name
-        self.body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=tuple(out_indices), **model_kwargs)
+        self.body = timm.create_model(
+            model_name, pretrained=False, features_only=True, out_indices=tuple(out_indices), **model_kwargs
+        )
         if pretrained:
             # features_only models keep the classifier-free parameter names of the full model
             load_backbone_weights(self.body, pretrained)

@@ -1,18 +1,23 @@
-"""Final metrics: ``metrics.json`` and the table printed at the end of a run."""
+"""Run outputs: the resolved ``config.yaml``, ``metrics.json`` and the table printed at the end."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from zeroseg.metrics import SUMMARY_KEYS
 
-__all__ = ["save_metrics_json", "format_metrics_table", "print_metrics_table"]
+log = logging.getLogger(__name__)
+
+__all__ = ["save_metrics_json", "format_metrics_table", "print_metrics_table", "save_resolved_config", "write_run_outputs"]
 
 
 def _json_number(value: float) -> Any:
@@ -54,3 +59,19 @@ def format_metrics_table(metrics: Mapping[str, Any], unseen_class_names: set[str
 
 def print_metrics_table(metrics: Mapping[str, Any], unseen_class_names: set[str] | None = None, title: str = "test") -> None:
     Console().print(format_metrics_table(metrics, unseen_class_names, title))
+
+
+@rank_zero_only
+def save_resolved_config(cfg: DictConfig) -> None:
+    """The fully resolved config of a run, as ``<output_dir>/config.yaml``."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+
+@rank_zero_only
+def write_run_outputs(cfg: DictConfig, metrics: Mapping[str, Any], unseen_class_names: set[str], title: str) -> None:
+    """``metrics.json`` into the run's output dir, and the final table to the console."""
+    path = save_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    print_metrics_table(metrics, unseen_class_names, title=title)
+    log.info("metrics written to %s", path)
