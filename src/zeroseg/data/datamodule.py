@@ -1,0 +1,190 @@
+"""The one data layer every zeroseg method trains and evaluates on.
+
+``ZSSDataModule`` takes a :class:`~zeroseg.data.splits.ClassSplit` (which classes exist and which
+are unseen), a setting (inductive or transductive) and one dataset per stage. Datasets return
+``{"image": float (3, H, W) in [0, 1], "label": int64 (H, W)}`` with labels in the full class-id
+space; images are not normalised here because the student backbone and the CLIP teacher each
+normalise with their own statistics.
+
+Training labels are remapped to training ids (:meth:`ClassSplit.train_label_lut`): unseen pixels
+become ``ignore_index`` in both settings, and in the inductive setting the remaining ids index the
+seen classes only, matching :attr:`ZSSDataModule.train_class_names` — exactly the names the model
+is given in training. Validation and test keep full labels and all classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zeroseg.data.samplers import ResumableDataLoader, ResumableTrainSampler, ShardedEvalSampler
+from zeroseg.data.splits import ClassSplit, Setting, check_setting
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ZSSDataModule", "TrainingLabels"]
+
+DatasetFactory = Callable[[], Dataset]
+
+
+class TrainingLabels(Dataset):
+    """A view of a dataset whose labels are mapped through a ``full id → training id`` table."""
+
+    def __init__(self, dataset: Dataset, label_lut: torch.Tensor, ignore_index: int) -> None:
+        self.dataset = dataset
+        self.label_lut = label_lut
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        label = item["label"]
+        out_of_range = label >= len(self.label_lut)
+        if bool(out_of_range.any()):
+            raise ValueError(
+                f"training label of item {index} contains values {torch.unique(label[out_of_range]).tolist()}; "
+                f"expected class ids below {len(self.label_lut)} or ignore_index={self.ignore_index}"
+            )
+        item["label"] = self.label_lut[label]
+        return item
+
+
+class ZSSDataModule(L.LightningDataModule):
+    """Zero-shot segmentation data: class split, setting, and train/val/test loaders.
+
+    Args:
+        split: the dataset's classes and unseen subset.
+        train_dataset / val_dataset / test_dataset: zero-argument factories (Hydra ``_partial_``)
+            building each stage's dataset; ``test_dataset`` defaults to the validation one.
+        setting: ``inductive`` (default) or ``transductive``.
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size per process.
+        num_workers: loader workers per process.
+        seed: seeds the training order (a permutation per epoch).
+    """
+
+    def __init__(
+        self,
+        split: ClassSplit,
+        train_dataset: Optional[DatasetFactory] = None,
+        val_dataset: Optional[DatasetFactory] = None,
+        test_dataset: Optional[DatasetFactory] = None,
+        setting: Setting = "inductive",
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.split = split
+        self.setting = check_setting(setting)
+        self.dataset_factories = {"train": train_dataset, "val": val_dataset, "test": test_dataset or val_dataset}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.datasets: dict[str, Dataset] = {}
+        self._train_loader: Optional[ResumableDataLoader] = None
+
+    # -- what the model is told -------------------------------------------------------------
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """All class names, ordered by full id (what evaluation classifies over)."""
+        return self.split.class_names
+
+    @property
+    def unseen_class_ids(self) -> list[int]:
+        return self.split.unseen_class_ids
+
+    @property
+    def train_class_names(self) -> tuple[str, ...]:
+        """Exactly the class names given to the model in training."""
+        return self.split.train_class_names(self.setting)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.split.ignore_index
+
+    # -- datasets -----------------------------------------------------------------------------
+    def _build(self, stage: str) -> Dataset:
+        factory = self.dataset_factories[stage]
+        if factory is None:
+            raise ValueError(f"dataset '{self.split.name}': no {stage} dataset is configured (dataset.{stage}_dataset)")
+        dataset = factory()
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"dataset '{self.split.name}': the {stage} split is empty; expected at least one image")
+        return dataset
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"], None: ["train", "val", "test"]}
+        for name in wanted.get(stage, ["train", "val", "test"]):
+            if name in self.datasets:
+                continue
+            dataset = self._build(name)
+            if name == "train":
+                dataset = TrainingLabels(dataset, self.split.train_label_lut(self.setting), self.ignore_index)
+            self.datasets[name] = dataset
+            log.info("dataset '%s' %s split: %d images", self.split.name, name, len(dataset))  # type: ignore[arg-type]
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader_generator(self) -> torch.Generator:
+        # loaders draw their worker seeds from their own generator, never from the global RNG,
+        # so creating a loader does not shift the model's random stream (exact resume)
+        return torch.Generator().manual_seed(self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = self.datasets["train"]
+        if self._train_loader is None or self._train_loader.dataset is not dataset:
+            sampler = ResumableTrainSampler(len(dataset), seed=self.seed, rank=rank, world_size=world)  # type: ignore[arg-type]
+            if len(sampler) < self.batch_size:
+                raise ValueError(
+                    f"dataset '{self.split.name}': the train split gives {len(sampler)} images per process, "
+                    f"fewer than dataset.batch_size={self.batch_size}"
+                )
+            self._train_loader = ResumableDataLoader(
+                dataset,
+                sampler=sampler,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                drop_last=True,  # a batch of one breaks BatchNorm in training
+                persistent_workers=self.num_workers > 0,
+                generator=self._loader_generator(),
+            )
+        return self._train_loader
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        rank, world = self._rank_and_world()
+        dataset = self.datasets[name]
+        return DataLoader(
+            dataset,
+            sampler=ShardedEvalSampler(len(dataset), rank=rank, world_size=world),  # type: ignore[arg-type]
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=self._loader_generator(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.split.to_dict(), "setting": self.setting, "train_class_names": list(self.train_class_names)}
