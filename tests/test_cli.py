@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import WandbLogger
 
 from zeroseg.train import train
 
@@ -39,10 +40,14 @@ def test_multirun_of_two_jobs_from_another_directory(tmp_path: Path) -> None:
 def test_wandb_logger_runs_offline_without_a_key(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = make_cfg(["logger=wandb", "trainer.max_steps=2"])
-    metrics, _ = train(cfg)
+    metrics, objects = train(cfg)
     assert "hIoU" in metrics
-    offline_runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    # the offline run file holds the logged config and metrics
-    record = next(offline_runs[0].glob("run-*.wandb")).read_bytes()
-    assert b"optimized_metric" in record and b"val/hIoU" in record
+    (logger,) = objects["loggers"]
+    assert isinstance(logger, WandbLogger)
+    run = logger.experiment
+    assert run.settings.mode == "offline"
+    # the whole resolved config and the run facts were logged
+    config = dict(run.config)
+    assert config["method"]["_target_"] == "zeroseg.methods.Baseline"
+    assert config["model/params_trainable"] > 0
+    assert Path(run.dir).is_relative_to(Path(cfg.paths.output_dir))
