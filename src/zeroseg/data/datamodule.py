@@ -30,6 +30,15 @@ __all__ = ["ZSSDataModule", "TrainingLabels"]
 
 DatasetFactory = Callable[[], Dataset]
 
+# which dataset splits each Lightning stage needs
+STAGE_SPLITS: dict[Optional[str], tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+    None: ("train", "val", "test"),
+}
+
 
 class TrainingLabels(Dataset):
     """A view of a dataset whose labels are mapped through a ``full id → training id`` table."""
@@ -124,8 +133,7 @@ class ZSSDataModule(L.LightningDataModule):
         return dataset
 
     def setup(self, stage: Optional[str] = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"], None: ["train", "val", "test"]}
-        for name in wanted.get(stage, ["train", "val", "test"]):
+        for name in STAGE_SPLITS.get(stage, ("train", "val", "test")):
             if name in self.datasets:
                 continue
             dataset = self._build(name)
