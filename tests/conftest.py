@@ -9,10 +9,10 @@ from typing import Callable, Sequence
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+
+from zeroseg.utils import compose_config
 
 # Small and fast: 32x32 scenes, 48 training images, resnet10t, a handful of steps.
 TINY_OVERRIDES: tuple[str, ...] = (
@@ -34,22 +34,16 @@ TINY_OVERRIDES: tuple[str, ...] = (
 )
 
 
-def compose_config(tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` as ``python -m zeroseg.<config_name>`` would."""
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
-        tiny_overrides = [o for o in TINY_OVERRIDES if config_name == "train" or not o.startswith("callbacks=")]
-        all_overrides = [*(tiny_overrides if tiny else ()), *overrides]
-        cfg = compose(config_name=config_name, overrides=all_overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+def compose_test_config(
+    tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True
+) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as ``python -m zeroseg.<config_name>`` would, inside tmp_path."""
+    tiny_overrides = [o for o in TINY_OVERRIDES if config_name == "train" or not o.startswith("callbacks=")]
+    cfg = compose_config(config_name, [*(tiny_overrides if tiny else ()), *overrides], tmp_path / "run", root_dir=tmp_path)
     with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.log_dir = str(tmp_path / "logs")
         cfg.paths.data_dir = str(tmp_path / "data")
         cfg.paths.cache_dir = str(tmp_path / "cache")
-        # as under @hydra.main: the task sees no `hydra` node (the ${hydra:...} resolver still works)
-        del cfg["hydra"]
     return cfg
 
 
@@ -58,7 +52,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def factory(overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True, subdir: str = "") -> DictConfig:
         root = tmp_path / subdir if subdir else tmp_path
         root.mkdir(parents=True, exist_ok=True)
-        return compose_config(root, overrides, config_name, tiny)
+        return compose_test_config(root, overrides, config_name, tiny)
 
     yield factory
     GlobalHydra.instance().clear()

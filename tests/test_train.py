@@ -40,7 +40,7 @@ def test_train_writes_outputs_and_eval_reproduces_the_test_metrics(make_cfg) -> 
     checkpoint = torch.load(best, map_location="cpu", weights_only=False)
     assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
     assert checkpoint["zeroseg"]["split"]["class_names"] == list(cfg.dataset.split.class_names)
-    assert checkpoint["zeroseg"]["teacher"]["random_init"] is True
+    assert checkpoint["zeroseg"]["teacher"]["pretrained"].endswith("toy_clip.safetensors")
     assert any(k.startswith("backbone.") for k in checkpoint["state_dict"])
 
     eval_cfg = make_cfg([f"ckpt_path={best}"], config_name="eval", subdir="eval")

@@ -1,5 +1,7 @@
 """``python -m zeroseg.eval ckpt_path=... [overrides]``: test a checkpoint.
 
+Training-free methods (``method=clip_zero_shot``) are evaluated without a checkpoint.
+
 Compose the same dataset / clip / backbone / method choices as the training run; the checkpoint's
 recorded class split is checked against the configured dataset. Writes ``metrics.json`` into
 the run's output directory and prints the table.
@@ -26,13 +28,13 @@ __all__ = ["evaluate", "main"]
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Test ``cfg.ckpt_path`` on the test split of ``cfg.dataset``; return (metrics, objects)."""
     ckpt_path = check_checkpoint_path(cfg.get("ckpt_path"))
-    if ckpt_path is None:
-        raise ValueError("eval needs ckpt_path=<checkpoint file>")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg)
     objects = build_run(cfg, with_callbacks=False)
     model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
+    if ckpt_path is None and model.trainable:
+        raise ValueError(f"eval of method {type(model).__name__} needs ckpt_path=<checkpoint file>")
     trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {**model.test_results, "ckpt_path": ckpt_path}
     write_run_outputs(cfg, metrics, set(datamodule.split.unseen_class_names), title="eval")

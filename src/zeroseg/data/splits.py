@@ -9,6 +9,9 @@ Label spaces used across zeroseg:
   (:meth:`ClassSplit.train_class_names`): the seen classes only in the inductive setting, all
   classes in the transductive one. Unseen *pixels* are ignore in both settings: unseen labels are
   never available in training.
+
+A third setting, ``supervised``, is not zero-shot: it trains on the labels of all classes and
+exists only as the oracle (upper bound) row of benchmarks.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-Setting = Literal["inductive", "transductive"]
-SETTINGS: tuple[str, ...] = ("inductive", "transductive")
+Setting = Literal["inductive", "transductive", "supervised"]
+SETTINGS: tuple[str, ...] = ("inductive", "transductive", "supervised")
 
 __all__ = ["ClassSplit", "Setting", "SETTINGS", "check_setting"]
 
@@ -75,9 +78,7 @@ class ClassSplit:
         if len(unseen_class_names) == len(class_names):
             raise ValueError(f"{where}: every class is unseen; at least one seen class is needed for training")
         if 0 <= ignore_index < len(class_names):
-            raise ValueError(
-                f"{where}: split.ignore_index={ignore_index} collides with a class id (0..{len(class_names) - 1})"
-            )
+            raise ValueError(f"{where}: split.ignore_index={ignore_index} collides with a class id (0..{len(class_names) - 1})")
         object.__setattr__(self, "class_names", class_names)
         object.__setattr__(self, "unseen_class_names", unseen_class_names)
         object.__setattr__(self, "ignore_index", int(ignore_index))
@@ -115,12 +116,16 @@ class ClassSplit:
     def train_label_lut(self, setting: Setting) -> Tensor:
         """Lookup table ``full id → training id`` over ``0..max(C-1, ignore_index)``.
 
-        Unseen classes and ``ignore_index`` map to ``ignore_index`` in both settings; seen classes
-        map to their position among the seen classes (inductive) or keep their id (transductive).
+        Unseen classes and ``ignore_index`` map to ``ignore_index`` in both zero-shot settings;
+        seen classes map to their position among the seen classes (inductive) or keep their id
+        (transductive). ``supervised`` (the oracle) keeps every class id.
         """
         check_setting(setting)
         size = max(self.num_classes, self.ignore_index + 1)
         lut = torch.full((size,), self.ignore_index, dtype=torch.long)
+        if setting == "supervised":
+            lut[: self.num_classes] = torch.arange(self.num_classes)
+            return lut
         seen = torch.tensor(self.seen_class_ids, dtype=torch.long)
         lut[seen] = torch.arange(len(seen)) if setting == "inductive" else seen
         return lut

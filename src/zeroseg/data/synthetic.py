@@ -25,6 +25,8 @@ __all__ = [
     "PATTERNS",
     "SyntheticScenes",
     "parse_concept",
+    "random_shape_mask",
+    "render_concept",
     "render_scene",
     "check_compositional_unseen",
 ]
@@ -169,7 +171,8 @@ def _hsv_to_rgb(hue: float, saturation: float, value: np.ndarray) -> np.ndarray:
     return np.stack([channel + offset for channel in rgb], axis=-1)
 
 
-def _render_concept(colour: str, pattern: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def render_concept(colour: str, pattern: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One jittered instance of a concept on the pixel grid ``(xx, yy)``: float RGB ``(H, W, 3)`` in [0, 1]."""
     modulation = PATTERNS[pattern](xx, yy, rng)
     low, high = rng.uniform(0.22, 0.38), rng.uniform(0.85, 1.0)
     value = low + (high - low) * modulation
@@ -177,7 +180,8 @@ def _render_concept(colour: str, pattern: str, xx: np.ndarray, yy: np.ndarray, r
     return _hsv_to_rgb(hue, rng.uniform(0.65, 0.95), value)
 
 
-def _shape_mask(xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator, min_size: float, max_size: float) -> np.ndarray:
+def random_shape_mask(xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator, min_size: float, max_size: float) -> np.ndarray:
+    """A random ellipse, rotated rectangle or triangle whose extent is ``min_size..max_size`` of the image."""
     height, width = xx.shape
     cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
     ry = rng.uniform(min_size, max_size) * height / 2
@@ -220,14 +224,14 @@ def render_scene(
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
     num_shapes = int(rng.integers(min_shapes, num_shapes_max + 1))
     classes = rng.choice(len(class_names), size=num_shapes + 1, replace=False)
-    image = _render_concept(*concepts[classes[0]], xx, yy, rng)
+    image = render_concept(*concepts[classes[0]], xx, yy, rng)
     label = np.full((image_size, image_size), classes[0], dtype=np.int64)
     for class_id in classes[1:]:
         for _attempt in range(20):
-            mask = _shape_mask(xx, yy, rng, min_shape_size, max_shape_size)
+            mask = random_shape_mask(xx, yy, rng, min_shape_size, max_shape_size)
             if mask.sum() >= min_visible_pixels:
                 break
-        texture = _render_concept(*concepts[class_id], xx, yy, rng)
+        texture = render_concept(*concepts[class_id], xx, yy, rng)
         image[mask] = texture[mask]
         label[mask] = class_id
     image = image + rng.normal(0.0, pixel_noise, size=image.shape)
@@ -239,7 +243,8 @@ class SyntheticScenes(Dataset):
 
     Items are dicts ``{"image": float32 (3, H, W) in [0, 1], "label": int64 (H, W)}`` with labels in
     the full class-id space of ``class_names``. Scenes are cached in memory (uint8) after the first
-    access when ``cache`` is set.
+    access when ``cache`` is set. ``unseen_class_names``, when given, must be compositional
+    (:func:`check_compositional_unseen`).
     """
 
     def __init__(
@@ -254,9 +259,11 @@ class SyntheticScenes(Dataset):
         max_shape_size: float = 0.65,
         pixel_noise: float = 0.02,
         cache: bool = True,
+        unseen_class_names: Sequence[str] = (),
     ) -> None:
         for name in class_names:
             parse_concept(name)
+        check_compositional_unseen(class_names, unseen_class_names)
         if num_images < 1:
             raise ValueError(f"synthetic dataset with seed_base={seed_base}: num_images={num_images}, expected >= 1")
         self.class_names = list(class_names)

@@ -1,4 +1,5 @@
 from zeroseg.methods.base import CheckpointMismatchError, ZSSMethod
 from zeroseg.methods.baseline import Baseline
+from zeroseg.methods.clip_zero_shot import CLIPZeroShot
 
-__all__ = ["Baseline", "CheckpointMismatchError", "ZSSMethod"]
+__all__ = ["Baseline", "CLIPZeroShot", "CheckpointMismatchError", "ZSSMethod"]

@@ -98,6 +98,9 @@ class ZSSMethod(L.LightningModule):
             weight decay.
     """
 
+    # False for training-free methods (evaluated without a checkpoint)
+    trainable: bool = True
+
     def __init__(
         self,
         split: ClassSplit,

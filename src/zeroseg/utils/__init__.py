@@ -1,3 +1,4 @@
+from zeroseg.utils.config import compose_config
 from zeroseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from zeroseg.utils.reporting import (
     format_metrics_table,
@@ -10,6 +11,7 @@ from zeroseg.utils.run import close_loggers, log_hyperparameters, task_wrapper
 
 __all__ = [
     "close_loggers",
+    "compose_config",
     "format_metrics_table",
     "instantiate_callbacks",
     "instantiate_loggers",

@@ -1,0 +1,143 @@
+"""The toy world: shipped toy CLIP quality, its pretraining script, the oracle setting, the benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+
+from zeroseg.benchmark import COLUMNS, registered_methods
+from zeroseg.benchmark import main as benchmark_main
+from zeroseg.clip import CLIPTeacher
+from zeroseg.clip.toy import evaluate_toy_clip, toy_model_cfg
+from zeroseg.data import ClassSplit
+from zeroseg.eval import evaluate
+from zeroseg.utils import compose_config
+
+from conftest import TINY_OVERRIDES, repo_root, subprocess_env
+
+# K-means (k=4) best-match IoU of the shipped toy CLIP's dense tokens, measured at build time
+# (see README, "The toy world"); the floor leaves room for platform noise, and is well above what
+# clustering random tokens of the same model gives (measured by the test below).
+PSEUDO_MASK_IOU_FLOOR = 40.0
+
+
+@pytest.fixture(scope="module")
+def toy_evaluation() -> dict[str, float]:
+    cfg = compose_config("train", ["clip=toy"], "/tmp/unused")
+    teacher = hydra.utils.instantiate(cfg.clip, cache_dir=None)
+    split = cfg.dataset.split
+    return evaluate_toy_clip(teacher, list(split.class_names), list(split.unseen_class_names))
+
+
+def test_shipped_toy_clip_classifies_fresh_crops(toy_evaluation) -> None:
+    assert toy_evaluation["crop_accuracy_seen"] >= 95.0
+    assert toy_evaluation["crop_accuracy_unseen"] >= 95.0
+
+
+def test_shipped_toy_clip_classifies_masked_ground_truth_regions(toy_evaluation) -> None:
+    assert toy_evaluation["masked_region_accuracy_seen"] >= 90.0
+    assert toy_evaluation["masked_region_accuracy_unseen"] >= 90.0
+
+
+def test_shipped_toy_clip_dense_tokens_cluster_into_regions(toy_evaluation) -> None:
+    assert toy_evaluation["kmeans_best_match_iou"] >= PSEUDO_MASK_IOU_FLOOR
+    cfg = compose_config("train", [], "/tmp/unused")
+    untrained = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg())
+    random_iou = evaluate_toy_clip(untrained, list(cfg.dataset.split.class_names), list(cfg.dataset.split.unseen_class_names))
+    assert toy_evaluation["kmeans_best_match_iou"] > random_iou["kmeans_best_match_iou"]
+    assert toy_evaluation["dense_zero_shot_mIoU"] > random_iou["dense_zero_shot_mIoU"] + 20
+
+
+def test_shipped_weights_are_small_fp16_safetensors() -> None:
+    path = Path(compose_config("train", ["clip=toy"], "/tmp/unused").clip.pretrained)
+    assert path.suffix == ".safetensors" and path.stat().st_size < 15e6
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float16 for t in load_file(str(path)).values())
+
+
+@pytest.mark.slow
+def test_pretraining_script_runs_and_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "toy.safetensors"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train_toy_clip.py",
+            "--steps",
+            "3",
+            "--bank-size",
+            "64",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=repo_root(),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["steps"] == 3 and "crop_accuracy_unseen" in report["evaluation"]
+    teacher = CLIPTeacher(arch="toy", pretrained=str(out), model_cfg=toy_model_cfg())
+    assert teacher.encode_text(["red stripes"]).shape == (1, 64)
+
+
+def test_supervised_oracle_setting_keeps_every_label() -> None:
+    split = ClassSplit(["a", "b", "c"], ["b"])
+    lut = split.train_label_lut("supervised")
+    assert lut[:3].tolist() == [0, 1, 2] and lut[255] == 255
+    assert split.train_class_names("supervised") == ("a", "b", "c")
+
+
+def test_training_free_method_is_evaluated_without_a_checkpoint(make_cfg) -> None:
+    cfg = make_cfg(["method=clip_zero_shot", "logger=none", "dataset.test_dataset.num_images=40"], config_name="eval", tiny=False)
+    metrics, objects = evaluate(cfg)
+    assert metrics["mIoU"] > 20  # the toy CLIP's dense tokens know the concepts
+    assert not objects["model"].trainable
+    with pytest.raises(ValueError, match="needs ckpt_path"):
+        evaluate(make_cfg(["method=baseline"], config_name="eval", subdir="b"))
+
+
+def test_registered_methods_are_discovered() -> None:
+    methods = registered_methods()
+    assert methods["baseline"] is True and methods["clip_zero_shot"] is False
+
+
+@pytest.mark.slow
+def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path) -> None:
+    # shared by every method, so nothing method-specific
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps", "method."))]
+    overrides = "[" + ",".join([*tiny, "clip=toy", "trainer.max_steps=2", "trainer.val_check_interval=2"]) + "]"
+    results = benchmark_main(
+        [
+            "toy",
+            "seeds=[0,1]",
+            "methods=[baseline,clip_zero_shot]",
+            "oracle=true",
+            f"root_dir={tmp_path}",
+            f"overrides={overrides}",
+        ]
+    )
+    markdown = (tmp_path / "results" / "toy_benchmark.md").read_text()
+    data = json.loads((tmp_path / "results" / "toy_benchmark.json").read_text())
+    assert data == json.loads(json.dumps(results))
+    header = next(line for line in markdown.splitlines() if line.startswith("| method"))
+    assert header == "| method | trained | " + " | ".join(COLUMNS) + " | time per run (s) |"
+    rows = {row["row"]: row for row in data["rows"]}
+    assert set(rows) == {"baseline", "clip_zero_shot", "oracle (baseline, all labels)"}
+    assert len(rows["baseline"]["runs"]) == 2 and len(rows["clip_zero_shot"]["runs"]) == 1
+    for row in rows.values():
+        for column in COLUMNS:
+            assert set(row[column]) == {"mean", "std"}
+        assert row["seconds"] > 0
