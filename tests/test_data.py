@@ -159,3 +159,20 @@ def test_synthetic_vocabulary_errors() -> None:
     check_compositional_unseen(NAMES, UNSEEN)
     with pytest.raises(ValueError, match="'pink waves'"):
         check_compositional_unseen(NAMES + ["pink waves"], ["pink waves"])
+
+
+def test_every_class_appears_in_the_default_training_split() -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["seed=0"])
+    GlobalHydra.instance().clear()
+    names = list(cfg.dataset.split.class_names)
+    train = cfg.dataset.train_dataset
+    counts = np.zeros(len(names), dtype=np.int64)
+    for index in range(100):  # the first 100 of the 2,000 training scenes already hold every class
+        _, label = render_scene(names, train.seed_base + index, image_size=train.image_size)
+        counts += np.bincount(label.ravel(), minlength=len(names))
+    assert (counts > 0).all(), dict(zip(names, counts.tolist()))

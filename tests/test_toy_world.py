@@ -21,10 +21,11 @@ from zeroseg.utils import compose_config
 
 from conftest import TINY_OVERRIDES, repo_root, subprocess_env
 
-# K-means (k=4) best-match IoU of the shipped toy CLIP's dense tokens, measured at build time
-# (see README, "The toy world"); the floor leaves room for platform noise, and is well above what
-# clustering random tokens of the same model gives (measured by the test below).
-PSEUDO_MASK_IOU_FLOOR = 40.0
+# K-means (k=4) best-match IoU of the shipped toy CLIP's dense tokens: measured 50.7 at build time
+# (README, "The toy world"). Tokens of the same tower with random weights already reach 42.2,
+# because colour alone separates most regions; the floor sits between the two, so it demands
+# what pretraining adds, with room for platform noise.
+PSEUDO_MASK_IOU_FLOOR = 46.0
 
 
 @pytest.fixture(scope="module")
