@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from zeroseg.data.synthetic import parse_concept, render_concept, render_scene
+from zeroseg.data.synthetic import SceneConfig, parse_concept, render_concept, render_scene
 
 PALETTE = (np.random.default_rng(7).random((256, 3)) * 200 + 40).astype(np.uint8)
 
@@ -30,7 +30,8 @@ def main() -> None:
     cfg = OmegaConf.load(str(files("zeroseg") / "conf" / "dataset" / "synthetic.yaml"))
     names = list(cfg.split.class_names)
     unseen = set(cfg.split.unseen_class_names)
-    size = int(cfg.train_dataset.image_size)
+    scene = SceneConfig.from_mapping(cfg.train_dataset.scene)
+    size = scene.image_size
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     swatch_size, label_height = size, 22
@@ -50,7 +51,7 @@ def main() -> None:
         draw.text((x + 1, y), ("*" if name in unseen else "") + name.replace(" ", "\n"), fill=(0, 0, 0), spacing=0)
     top = legend_rows * (swatch_size + label_height)
     for index in range(args.scenes):
-        image, label = render_scene(names, seed=index, image_size=size)
+        image, label = render_scene(names, index, scene)
         sheet.paste(Image.fromarray(image), (index * size, top))
         sheet.paste(Image.fromarray(PALETTE[label]), (index * size, top + size))
     sheet = sheet.resize((width * args.scale, height * args.scale), Image.NEAREST)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zeroseg.data import ClassSplit, ResumableTrainSampler, ShardedEvalSampler, SyntheticScenes, ZSSDataModule
-from zeroseg.data.synthetic import COLOURS, check_compositional_unseen, parse_concept, render_scene
+from zeroseg.data.synthetic import COLOURS, SceneConfig, check_compositional_unseen, parse_concept, render_scene
 
 NAMES = ["red stripes", "red dots", "orange dots", "orange checks", "yellow checks", "yellow noise", "green noise", "green rings"]
 UNSEEN = ["red dots", "yellow noise"]
@@ -19,7 +19,7 @@ def make_datamodule(setting: str = "inductive", num_images: int = 24) -> ZSSData
     split = ClassSplit(NAMES, UNSEEN, name="toy")
 
     def factory(seed_base: int):
-        return lambda: SyntheticScenes(NAMES, num_images=num_images, seed_base=seed_base, image_size=32)
+        return lambda: SyntheticScenes(NAMES, num_images=num_images, seed_base=seed_base, scene={"image_size": 32})
 
     dm = ZSSDataModule(split, factory(0), factory(1000), setting=setting, batch_size=4, eval_batch_size=5)
     dm.setup("fit")
@@ -85,6 +85,8 @@ def test_empty_dataset_is_an_error() -> None:
         dm.setup("fit")
     with pytest.raises(ValueError, match="num_images=0"):
         SyntheticScenes(NAMES, num_images=0, seed_base=0)
+    with pytest.raises(ValueError, match=r"scene options \['size'\] are unknown"):
+        SyntheticScenes(NAMES, num_images=1, seed_base=0, scene={"size": 32})
 
 
 def test_sharded_eval_sampler_covers_every_index_exactly_once() -> None:
@@ -136,7 +138,7 @@ def test_synthetic_scenes_are_deterministic_and_splits_disjoint() -> None:
 def test_synthetic_labels_match_the_painted_colour() -> None:
     checked = 0
     for seed in range(10):
-        image, label = render_scene(NAMES, seed, pixel_noise=0.0)
+        image, label = render_scene(NAMES, seed, SceneConfig(pixel_noise=0.0))
         pixels = image.reshape(-1, 3) / 255.0
         for class_id in np.unique(label):
             region = pixels[label.reshape(-1) == class_id]
@@ -173,6 +175,6 @@ def test_every_class_appears_in_the_default_training_split() -> None:
     train = cfg.dataset.train_dataset
     counts = np.zeros(len(names), dtype=np.int64)
     for index in range(100):  # the first 100 of the 2,000 training scenes already hold every class
-        _, label = render_scene(names, train.seed_base + index, image_size=train.image_size)
+        _, label = render_scene(names, train.seed_base + index, SceneConfig.from_mapping(train.scene))
         counts += np.bincount(label.ravel(), minlength=len(names))
     assert (counts > 0).all(), dict(zip(names, counts.tolist()))

@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from zeroseg.data.synthetic import parse_concept, random_shape_mask, render_concept, render_scene
+from zeroseg.data.synthetic import SceneConfig, parse_concept, random_shape_mask, render_concept, render_scene
 from zeroseg.methods.clip_zero_shot import dense_zero_shot_logits
 from zeroseg.metrics import HarmonicIoU
 from zeroseg.toolkit.kmeans import batched_kmeans, sample_initial_centroids
@@ -120,12 +120,12 @@ def render_pretraining_sample(
         background = np.zeros(3, np.float32) if kind == "region_black" else CLIP_MEAN_RGB
         return _to_uint8(np.where(mask[..., None], texture, background)), class_id
     if kind == "scene":
-        image, label = render_scene(class_names, seed, image_size=size)
+        image, label = render_scene(class_names, seed, SceneConfig(image_size=size))
         return image, int(np.bincount(label.ravel()).argmax())
     if kind == "scene_region":
         # the literal masked image of one ground-truth region of a scene (occlusions included)
         for attempt in range(50):
-            image, label = render_scene(class_names, seed * 64 + attempt, image_size=size)
+            image, label = render_scene(class_names, seed * 64 + attempt, SceneConfig(image_size=size))
             counts = np.bincount(label.ravel(), minlength=len(class_names))
             candidates = np.flatnonzero(counts >= MIN_REGION_PIXELS)
             if len(candidates):
@@ -135,7 +135,7 @@ def render_pretraining_sample(
     if kind == "crop":
         big = size * 2
         for attempt in range(50):
-            image, label = render_scene(class_names, seed * 64 + attempt, image_size=big)
+            image, label = render_scene(class_names, seed * 64 + attempt, SceneConfig(image_size=big))
             side = int(rng.integers(size // 2, big // 2 + 1))
             top, left = rng.integers(0, big - side + 1, size=2)
             crop_label = label[top : top + side, left : left + side]
@@ -338,7 +338,7 @@ def evaluate_toy_clip(
     crop_predictions = (F.normalize(teacher.encode_image(crop_images)[0], dim=-1) @ text.t()).argmax(1)
     crop = split_accuracy(crop_predictions, crop_labels)
 
-    scenes = [render_scene(class_names, base + 500_000 + i, image_size=image_size) for i in range(num_images // 4)]
+    scenes = [render_scene(class_names, base + 500_000 + i, SceneConfig(image_size=image_size)) for i in range(num_images // 4)]
     scene_images = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2).float() / 255
     scene_labels = torch.from_numpy(np.stack([s[1] for s in scenes]))
     region_images, region_labels = [], []

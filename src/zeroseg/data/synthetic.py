@@ -14,7 +14,8 @@ seen class, so the unseen concepts are new *combinations* of seen parts.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "COLOURS",
     "PATTERNS",
+    "SceneConfig",
     "SyntheticScenes",
     "parse_concept",
     "random_shape_mask",
@@ -198,43 +200,65 @@ def random_shape_mask(xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator, 
     return (v <= ry) & (v >= -ry) & (np.abs(u) <= rx * (ry - v) / (2 * ry))
 
 
-def render_scene(
-    class_names: Sequence[str],
-    seed: int,
-    image_size: int = 64,
-    min_shapes: int = 2,
-    max_shapes: int = 4,
-    min_shape_size: float = 0.3,
-    max_shape_size: float = 0.65,
-    min_visible_pixels: int = 16,
-    pixel_noise: float = 0.02,
-) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class SceneConfig:
+    """How ZSS-Synth scenes are drawn (``dataset.train_dataset.scene`` in the config).
+
+    Attributes:
+        image_size: side of the square image, in pixels.
+        min_shapes / max_shapes: shapes painted over the background class (each of another class).
+        min_shape_size / max_shape_size: shape extent as a fraction of the image side.
+        min_visible_pixels: a shape with fewer visible pixels is redrawn.
+        pixel_noise: standard deviation of the Gaussian noise added to the image (in [0, 1] units).
+    """
+
+    image_size: int = 64
+    min_shapes: int = 2
+    max_shapes: int = 4
+    min_shape_size: float = 0.3
+    max_shape_size: float = 0.65
+    min_visible_pixels: int = 16
+    pixel_noise: float = 0.02
+
+    @classmethod
+    def from_mapping(cls, options: Union["SceneConfig", Mapping[str, Any], None]) -> "SceneConfig":
+        if options is None or isinstance(options, SceneConfig):
+            return options or cls()
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"synthetic scene options {unknown} are unknown; expected some of {[f.name for f in fields(cls)]}")
+        return cls(**dict(options))
+
+
+def render_scene(class_names: Sequence[str], seed: int, scene: Optional[SceneConfig] = None) -> tuple[np.ndarray, np.ndarray]:
     """One scene as ``(image uint8 (H, W, 3), label int64 (H, W))`` from ``seed`` alone.
 
-    A background class fills the image; ``min_shapes..max_shapes`` shapes of other, distinct
-    classes are painted on top in order (later shapes occlude earlier ones). A shape that ends up
-    with fewer than ``min_visible_pixels`` visible pixels is redrawn so that every class named in a
-    scene is really in it.
+    A background class fills the image; ``scene.min_shapes..max_shapes`` shapes of other,
+    distinct classes are painted on top in order (later shapes occlude earlier ones). A shape
+    that ends up with fewer than ``scene.min_visible_pixels`` visible pixels is redrawn so that
+    every class named in a scene is really in it.
     """
+    scene = scene or SceneConfig()
     concepts = [parse_concept(c) for c in class_names]
-    num_shapes_max = min(max_shapes, len(class_names) - 1)
-    if num_shapes_max < min_shapes:
-        raise ValueError(f"synthetic: {len(class_names)} classes cannot fill a background plus {min_shapes} shapes")
+    num_shapes_max = min(scene.max_shapes, len(class_names) - 1)
+    if num_shapes_max < scene.min_shapes:
+        raise ValueError(f"synthetic: {len(class_names)} classes cannot fill a background plus {scene.min_shapes} shapes")
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
-    num_shapes = int(rng.integers(min_shapes, num_shapes_max + 1))
+    size = scene.image_size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    num_shapes = int(rng.integers(scene.min_shapes, num_shapes_max + 1))
     classes = rng.choice(len(class_names), size=num_shapes + 1, replace=False)
     image = render_concept(*concepts[classes[0]], xx, yy, rng)
-    label = np.full((image_size, image_size), classes[0], dtype=np.int64)
+    label = np.full((size, size), classes[0], dtype=np.int64)
     for class_id in classes[1:]:
         for _attempt in range(20):
-            mask = random_shape_mask(xx, yy, rng, min_shape_size, max_shape_size)
-            if mask.sum() >= min_visible_pixels:
+            mask = random_shape_mask(xx, yy, rng, scene.min_shape_size, scene.max_shape_size)
+            if mask.sum() >= scene.min_visible_pixels:
                 break
         texture = render_concept(*concepts[class_id], xx, yy, rng)
         image[mask] = texture[mask]
         label[mask] = class_id
-    image = image + rng.normal(0.0, pixel_noise, size=image.shape)
+    image = image + rng.normal(0.0, scene.pixel_noise, size=image.shape)
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), label
 
 
@@ -252,12 +276,7 @@ class SyntheticScenes(Dataset):
         class_names: Sequence[str],
         num_images: int,
         seed_base: int,
-        image_size: int = 64,
-        min_shapes: int = 2,
-        max_shapes: int = 4,
-        min_shape_size: float = 0.3,
-        max_shape_size: float = 0.65,
-        pixel_noise: float = 0.02,
+        scene: Union[SceneConfig, Mapping[str, Any], None] = None,
         cache: bool = True,
         unseen_class_names: Sequence[str] = (),
     ) -> None:
@@ -269,14 +288,7 @@ class SyntheticScenes(Dataset):
         self.class_names = list(class_names)
         self.num_images = int(num_images)
         self.seed_base = int(seed_base)
-        self.render_kwargs = dict(
-            image_size=image_size,
-            min_shapes=min_shapes,
-            max_shapes=max_shapes,
-            min_shape_size=min_shape_size,
-            max_shape_size=max_shape_size,
-            pixel_noise=pixel_noise,
-        )
+        self.scene_config = SceneConfig.from_mapping(scene)
         self.cache = cache
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -292,7 +304,7 @@ class SyntheticScenes(Dataset):
             raise IndexError(f"synthetic scene index {index} out of range 0..{self.num_images - 1}")
         if index in self._cache:
             return self._cache[index]
-        scene = render_scene(self.class_names, self.seed_base + index, **self.render_kwargs)
+        scene = render_scene(self.class_names, self.seed_base + index, self.scene_config)
         if self.cache:
             self._cache[index] = scene
         return scene
