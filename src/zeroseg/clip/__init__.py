@@ -1,5 +1,5 @@
 from zeroseg.clip.prompts import TEMPLATE_SETS, fill_templates, resolve_templates
-from zeroseg.clip.teacher import CLIPTeacher, interpolate_position_embedding, read_state_dict
+from zeroseg.clip.teacher import CLIPTeacher, interpolate_position_embedding
 
 __all__ = [
     "CLIPTeacher",

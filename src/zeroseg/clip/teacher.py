@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -36,42 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroseg.clip.prompts import fill_templates, resolve_templates
+from zeroseg.utils.weights import read_weight_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIPTeacher", "read_state_dict", "interpolate_position_embedding"]
+__all__ = ["CLIPTeacher", "interpolate_position_embedding"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
-    """Read CLIP weights from a TorchScript archive, a pickled state dict or safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CLIP weights file {str(path)!r} does not exist (clip.pretrained)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        elif zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            # OpenAI's released ViT-B-16.pt is a TorchScript archive
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"could not read CLIP weights from {str(path)!r}: {error}") from error
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not state:
-        raise ValueError(f"CLIP weights file {str(path)!r} holds no state dict (got {type(state).__name__})")
-    state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-    for key in ("input_resolution", "context_length", "vocab_size"):
-        state.pop(key, None)
-    if next(iter(state)).startswith("module."):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
 
 
 def interpolate_position_embedding(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -182,7 +153,9 @@ class CLIPTeacher(nn.Module):
         return model
 
     def _load_weights(self, model: nn.Module, path: str) -> None:
-        state = read_state_dict(path)
+        state = read_weight_file(path, key="clip.pretrained")
+        for key in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
+            state.pop(key, None)
         state = open_clip.factory.convert_state_dict(model, state)
         if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
             state = open_clip.model.convert_to_custom_text_state_dict(state)

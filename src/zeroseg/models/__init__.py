@@ -1,4 +1,5 @@
-from zeroseg.models.backbones import Backbone, TimmBackbone, load_backbone_weights
+from zeroseg.models.backbones import Backbone, TimmBackbone, TimmViTBackbone
 from zeroseg.models.heads import AllMLPDecodeHead
+from zeroseg.models.mit import MixTransformer
 
-__all__ = ["AllMLPDecodeHead", "Backbone", "TimmBackbone", "load_backbone_weights"]
+__all__ = ["AllMLPDecodeHead", "Backbone", "MixTransformer", "TimmBackbone", "TimmViTBackbone"]
