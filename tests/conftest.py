@@ -38,7 +38,12 @@ def compose_test_config(
     tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True
 ) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``python -m zeroseg.<config_name>`` would, inside tmp_path."""
-    tiny_overrides = [o for o in TINY_OVERRIDES if config_name == "train" or not o.startswith("callbacks=")]
+    explicit_keys = {o.split("=", 1)[0] for o in overrides}
+    tiny_overrides = [
+        o
+        for o in TINY_OVERRIDES
+        if (config_name == "train" or not o.startswith("callbacks=")) and o.split("=", 1)[0] not in explicit_keys
+    ]
     cfg = compose_config(config_name, [*(tiny_overrides if tiny else ()), *overrides], tmp_path / "run", root_dir=tmp_path)
     with open_dict(cfg):
         cfg.paths.log_dir = str(tmp_path / "logs")

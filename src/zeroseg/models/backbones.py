@@ -130,6 +130,8 @@ class TimmViTBackbone(Backbone):
 
             state = checkpoint_filter_fn(read_weight_file(pretrained, key="backbone.pretrained"), self.body)
             load_checked_state_dict(self.body, state, pretrained, key="backbone.pretrained", require_all=True)
+        # blocks after the last returned one, the final norm and the head never run: drop them
+        self.body.prune_intermediate_layers(self.out_indices, prune_norm=True, prune_head=True)
         patch = self.body.patch_embed.patch_size[0]
         self.channels = [self.body.embed_dim] * len(self.out_indices)
         self.strides = [patch] * len(self.out_indices)
