@@ -165,3 +165,19 @@ def test_segformer_b4_trains_a_few_steps_with_the_segformer_recipe(make_cfg) -> 
     optimizer = objects["trainer"].optimizers[0]
     rates = sorted({group["initial_lr"] for group in optimizer.param_groups})
     assert rates == pytest.approx([6e-5, 6e-4])
+
+
+def test_vit_loads_a_timm_checkpoint_with_its_classifier(tmp_path: Path) -> None:
+    import timm
+
+    from zeroseg.models import TimmViTBackbone
+
+    full = timm.create_model("vit_base_patch16_224", num_classes=1000)
+    path = tmp_path / "vit_b16_timm.pth"
+    torch.save(full.state_dict(), path)
+    backbone = TimmViTBackbone(pretrained=str(path), out_indices=(11,), drop_path_rate=0.0).eval()
+    for name, tensor in backbone.body.state_dict().items():
+        assert torch.equal(tensor, full.state_dict()[name]), name
+    with pytest.raises(ValueError, match="lacks"):
+        torch.save({k: v for k, v in full.state_dict().items() if not k.startswith("blocks.3.")}, tmp_path / "cut.pth")
+        TimmViTBackbone(pretrained=str(tmp_path / "cut.pth"))
