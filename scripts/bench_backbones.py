@@ -130,8 +130,13 @@ def main() -> None:
             for implementation in implementations:
                 command = [sys.executable, __file__, "--worker", name, implementation, str(batch), "--size", str(args.size),
                            "--device", args.device, "--repeats", str(args.repeats)]  # fmt: skip
-                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                rows[implementation] = json.loads(output.strip().splitlines()[-1])
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:  # e.g. killed for memory: report and go on
+                    print(f"{name:14s} {batch:5d} {implementation} failed: {result.stderr.strip()[-200:]}", flush=True)
+                    continue
+                rows[implementation] = json.loads(result.stdout.strip().splitlines()[-1])
+            if "zeroseg" not in rows:
+                continue
             ours = rows["zeroseg"]
             ratio = ""
             if "huggingface" in rows:

@@ -63,8 +63,12 @@ def batched_kmeans(
     if distance == "cosine":
         points = F.normalize(points, dim=-1)
         centroids = F.normalize(centroids, dim=-1)
-    num_clusters = centroids.shape[1]
+    batch, num_clusters, dim = centroids.shape
     invalid_centroid = ~centroid_valid
+    # flat (image, cluster) slot of every point; invalid points go to a scratch slot at the end
+    image_offset = (torch.arange(batch, device=points.device) * num_clusters).unsqueeze(1)
+    scratch = batch * num_clusters
+    flat_points = points.reshape(-1, dim)
     assignment = torch.full(valid.shape, -1, dtype=torch.long, device=points.device)
     sizes = torch.zeros(centroid_valid.shape, dtype=points.dtype, device=points.device)
     for _ in range(max(iterations, 1)):
@@ -74,10 +78,12 @@ def batched_kmeans(
             cost = torch.cdist(points, centroids)
         cost = cost.masked_fill(invalid_centroid.unsqueeze(1), float("inf"))
         assignment = cost.argmin(dim=-1)
-        one_hot = F.one_hot(assignment, num_clusters).to(points.dtype) * valid.unsqueeze(-1).to(points.dtype)
-        sizes = one_hot.sum(dim=1)
-        sums = one_hot.transpose(1, 2) @ points
-        updated = sums / sizes.clamp_min(1).unsqueeze(-1)
+        # scatter-add updates: O(N·D) per iteration, unlike one-hot products (O(N·K·D))
+        slots = torch.where(valid, assignment + image_offset, torch.full_like(assignment, scratch)).reshape(-1)
+        sums = torch.zeros(scratch + 1, dim, dtype=points.dtype, device=points.device).index_add_(0, slots, flat_points)
+        counts = torch.bincount(slots, minlength=scratch + 1).to(points.dtype)
+        sizes = counts[:scratch].view(batch, num_clusters)
+        updated = sums[:scratch].view(batch, num_clusters, dim) / sizes.clamp_min(1).unsqueeze(-1)
         if distance == "cosine":
             updated = F.normalize(updated, dim=-1)
         # an emptied cluster keeps its centroid so that it may win points back
