@@ -118,3 +118,39 @@ def test_c2s_trains_end_to_end_and_inference_never_calls_the_teacher_visual_enco
     trainer.test(model, datamodule=datamodule, verbose=False)
     assert calls == []
     assert set(model.test_results["per_class_iou"]) == set(datamodule.class_names)
+
+
+@pytest.mark.parametrize("experiment,jobs", [("c2s_ablation_modules", 8), ("c2s_ablation_windows", 3), ("c2s_ablation_bank", 5)])
+def test_ablation_sweeps_compose_every_job(experiment: str, jobs: int) -> None:
+    import itertools
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
+        base = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        parser = OverridesParser.create()
+        sweeps = parser.parse_overrides([f"{k}={v}" for k, v in base.hydra.sweeper.params.items()])
+        axes = [[f"{o.key_or_group}={value}" for value in o.sweep_string_iterator()] for o in sweeps]
+        combinations = list(itertools.product(*axes))
+        assert len(combinations) == jobs
+        for combination in combinations:
+            cfg = compose("train", overrides=[f"experiment={experiment}", *combination])
+            assert cfg.method._target_ == "zeroseg.methods.CLIPToSeg"
+            for override in combination:
+                key, value = override.split("=", 1)
+                node = cfg
+                for part in key.split("."):
+                    node = node[part]
+                assert str(node).replace(" ", "").lower() == value.replace(" ", "").lower(), override
+    GlobalHydra.instance().clear()
+
+
+def test_bank_size_zero_uses_the_batch_only(make_cfg) -> None:
+    objects = build_run(make_cfg([*C2S, "method.bank_size=0"]))
+    model, datamodule = objects["model"], objects["datamodule"]
+    datamodule.setup("fit")
+    assert model.token_bank is None
+    assert torch.isfinite(model.training_losses(next(iter(datamodule.train_dataloader())))["global"])

@@ -53,3 +53,24 @@ def test_recovers_well_separated_clusters_and_reports_empty_ones() -> None:
     assert sorted(sizes[0].tolist()) == [0, 0, 10, 10, 10, 10]
     for cluster in range(4):
         assert torch.unique(assignment[0, cluster * 10 : (cluster + 1) * 10]).numel() == 1
+
+
+def test_l2_kmeans_equals_scikit_learn_lloyd_from_the_same_centroids() -> None:
+    from sklearn.cluster import KMeans
+
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(5, 6, generator=generator) * 4
+    points = (centres.repeat_interleave(30, 0) + torch.randn(150, 6, generator=generator)).double()
+    initial = points[torch.randperm(150, generator=generator)[:5]]
+    reference = KMeans(5, init=initial.numpy(), n_init=1, max_iter=20, tol=0.0, algorithm="lloyd").fit(points.numpy())
+    assignment, centroids, sizes = batched_kmeans(
+        points[None].float(),
+        torch.ones(1, 150, dtype=torch.bool),
+        initial[None].float(),
+        torch.ones(1, 5, dtype=torch.bool),
+        20,
+        "l2",
+    )
+    assert (sizes > 0).all()  # no empty cluster, where scikit-learn would relocate a centroid
+    np.testing.assert_array_equal(assignment[0].numpy(), reference.labels_)
+    np.testing.assert_allclose(centroids[0].numpy(), reference.cluster_centers_, rtol=1e-4, atol=1e-4)

@@ -73,7 +73,7 @@ class CLIPToSeg(ZSSMethod):
         temperature: τ of both InfoNCE terms (0.07; not given by the paper).
         alpha: logit scale of the seen logits on normalised features (1/0.07; not given).
         beta: scale of the latent cosine logits (10; not given).
-        bank_size: CLS token bank size (24, Implementation Details; 6 best in Table IX).
+        bank_size: CLS token bank size (24, Implementation Details; 6 best in Table IX; 0 = none).
         global_distillation / local_distillation / latent_embedding: switch terms (ablations).
         pseudo_masks: keyword arguments of :func:`~zeroseg.toolkit.generate_pseudo_masks`.
         region_encoder: ``masked_image`` (Eq. 3) or ``crop``; crop_size: input of the crop encoder.
@@ -117,7 +117,10 @@ class CLIPToSeg(ZSSMethod):
         self.max_regions_per_forward = max_regions_per_forward
         self.loss_weights = {"focal": 1.0, "dice": 1.0, "ce": 1.0, **(loss_weights or {})}
         self.focal_gamma = focal_gamma
-        self.token_bank = TokenBank(bank_size, dim)
+        if bank_size < 0:
+            raise ValueError(f"method.bank_size must be >= 0, got {bank_size}")
+        # bank size 0 (Table IX): the other images of the batch are the only negatives
+        self.token_bank = TokenBank(bank_size, dim) if bank_size > 0 else None
         if latent_embedding:
             if dim % decoder_heads:
                 raise ValueError(f"method.decoder_heads={decoder_heads} must divide the joint dimension {dim}")
@@ -145,9 +148,10 @@ class CLIPToSeg(ZSSMethod):
 
         if self.global_distillation:  # Eq. 4
             pooled = attention_pooled_feature(features.flatten(2), global_cls)
-            keys = torch.cat([global_cls, self.token_bank.tokens().to(global_cls)])
+            keys = global_cls if self.token_bank is None else torch.cat([global_cls, self.token_bank.tokens().to(global_cls)])
             losses["global"] = info_nce(pooled, keys, torch.arange(len(images), device=images.device), self.temperature)
-            self.token_bank.push(global_cls)
+            if self.token_bank is not None:
+                self.token_bank.push(global_cls)
 
         latent = None
         if self.local_distillation or self.latent_embedding:
