@@ -73,3 +73,24 @@ def test_all_ignore_and_empty_inputs_do_not_crash() -> None:
     labels = torch.full((2, 16, 16), 255)
     out = generate_pseudo_masks(features, labels, num_seen=2)
     assert out.shape == labels.shape and ((out >= 2) | (out == 255)).all()
+
+
+def test_batched_generator_equals_the_plain_numpy_reference() -> None:
+    from zeroseg.toolkit.pseudo_masks import generate_pseudo_masks_reference
+
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(4, 16, 8, 8, generator=generator)
+    features[:, :, 4:, :] += 3 * torch.randn(4, 16, 1, 1, generator=generator)
+    labels = torch.full((4, 32, 32), 255)
+    labels[0, :12, :12] = 1
+    labels[1, 20:, 5:25] = 0
+    labels[3] = 2
+    options = dict(window_sizes=(3, 5), iterations=6, threshold=0.6)
+    for keep in (False, True):
+        batched = generate_pseudo_masks(features, labels, num_seen=3, keep_singletons=keep, **options)
+        for index in range(4):
+            reference = generate_pseudo_masks_reference(
+                features[index].numpy(), labels[index].numpy(), num_seen=3, keep_singletons=keep, **options
+            )
+            assert (batched[index].numpy() == reference).all(), (keep, index)
+        assert (batched >= 3).any()  # latent classes were found, so the comparison is not vacuous
