@@ -1,6 +1,6 @@
 """Benchmark the teacher-side hot paths of CLIP-to-Seg, each against a straightforward version.
 
-    python scripts/bench_teacher.py [--device cpu|cuda] [--skip-step]
+    python scripts/bench_teacher.py [--device cpu|cuda] [--parts abc]
 
 (a) Pseudo masks for a batch of 16 images (32x32 token grid, 512-d): the batched on-device
     generator vs the plain per-image NumPy reference with the same seeds, iterations and merge;
@@ -101,7 +101,7 @@ def bench_c2s_step(device: str) -> None:
 
     cfg = compose_config(
         "train",
-        ["method=c2s", "backbone=segformer_b4", "clip=vit_b16", "clip.pretrained=null", "+clip.random_init=true",
+        ["method=c2s", "backbone=segformer_b4", "clip=vit_b16", "clip.pretrained=null", "clip.random_init=true",
          "dataset.train_dataset.scene.image_size=512", "dataset.batch_size=2", "dataset.train_dataset.num_images=4",
          "logger=none", "callbacks=minimal", "method.decoder_heads=8"],
         "/tmp/zeroseg_bench_teacher",
@@ -141,14 +141,15 @@ def bench_c2s_step(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip-step", action="store_true", help="skip (c), the slowest part on a CPU")
+    parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab' ((c) is the slowest on a CPU)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"device={args.device} threads=1")
-    bench_pseudo_masks(args.device)
-    teacher = CLIPTeacher("ViT-B-16", random_init=True).to(args.device)
-    bench_region_tokens(args.device, teacher)
-    if not args.skip_step:
+    if "a" in args.parts:
+        bench_pseudo_masks(args.device)
+    if "b" in args.parts:
+        bench_region_tokens(args.device, CLIPTeacher("ViT-B-16", random_init=True).to(args.device))
+    if "c" in args.parts:
         bench_c2s_step(args.device)
 
 
