@@ -7,7 +7,7 @@
     prints both times, the ratio, and whether the outputs match.
 (b) Region CLS tokens, 10 regions per image, CLIP ViT-B/16 architecture (random weights, 512x512
     input): ``encode_regions`` batched vs one teacher call per region, for the ``masked_image``
-    and ``crop`` (224) encoders.
+    and ``crop`` (224) encoders, and the one-pass ``attention`` encoder against both.
 (c) The teacher's share of one ``method=c2s`` training step at 512x512 with SegFormer-B4 and a
     ViT-B/16 teacher (batch 2): time inside ``teacher.encode_image`` / the whole step.
 CPU runs use one thread; on a GPU everything runs in bf16 autocast.
@@ -80,9 +80,12 @@ def bench_region_tokens(device: str, teacher: CLIPTeacher) -> None:
             labels[b, r * 51 : (r + 1) * 51] = r
     labels = labels.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
-    for encoder in ("masked_image", "crop"):
+    batched_times = {}
+    for encoder in ("masked_image", "crop", "attention"):
         with autocast:
-            batched_time, _ = timed(lambda: encode_regions(teacher, images, labels, encoder, crop_size=224), device)
+            batched_times[encoder], _ = timed(lambda: encode_regions(teacher, images, labels, encoder, crop_size=224), device)
+            if encoder == "attention":  # one pass per image by construction: no per-region loop
+                continue
 
             def per_region():
                 for b in range(2):
@@ -91,8 +94,15 @@ def bench_region_tokens(device: str, teacher: CLIPTeacher) -> None:
                         encode_regions(teacher, images[b : b + 1], single, encoder, crop_size=224)
 
             loop_time, _ = timed(per_region, device)
-        print(f"(b) region CLS, {encoder:12s} 2 images x 10 regions: batched {batched_time:.2f} s, per region {loop_time:.2f} s, "
-              f"ratio {loop_time / batched_time:.2f}x")  # fmt: skip
+        print(
+            f"(b) region CLS, {encoder:12s} 2 images x 10 regions: batched {batched_times[encoder]:.2f} s, "
+            f"per region {loop_time:.2f} s, ratio {loop_time / batched_times[encoder]:.2f}x"
+        )
+    print(
+        f"(b) region CLS, attention    2 images x 10 regions: {batched_times['attention']:.2f} s, "
+        f"{batched_times['masked_image'] / batched_times['attention']:.1f}x faster than masked_image, "
+        f"{batched_times['crop'] / batched_times['attention']:.1f}x faster than crop"
+    )
 
 
 def bench_c2s_step(device: str) -> None:

@@ -154,3 +154,13 @@ def test_bank_size_zero_uses_the_batch_only(make_cfg) -> None:
     datamodule.setup("fit")
     assert model.token_bank is None
     assert torch.isfinite(model.training_losses(next(iter(datamodule.train_dataloader())))["global"])
+
+
+def test_c2s_with_the_attention_region_encoder(make_cfg) -> None:
+    # the attention encoder needs a CLS-pooled teacher: the tiny random one (2 blocks)
+    overrides = [*C2S, "clip=tiny_random", "method.region_encoder=attention", "method.region_from_layer=-1"]
+    objects = build_run(make_cfg(overrides))
+    model, datamodule = objects["model"], objects["datamodule"]
+    datamodule.setup("fit")
+    losses = model.training_losses(next(iter(datamodule.train_dataloader())))
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -103,3 +103,54 @@ def test_token_bank_gathers_across_two_processes() -> None:
     results = dict(queue.get() for _ in range(2))
     expected = [1.0, 2.0, 11.0, 12.0, 3.0, 4.0, 13.0, 14.0]  # rank order within each push, FIFO across pushes
     assert results[0] == results[1] == expected
+
+
+def plain_block(block, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """A pre-norm ViT block with masked multi-head attention, written out by hand."""
+    attention = block.attn
+    heads, width = attention.num_heads, x.shape[-1]
+    head_dim = width // heads
+    h = block.ln_1(x)
+    q, k, v = (h @ attention.in_proj_weight.t() + attention.in_proj_bias).split(width, dim=-1)
+    split = lambda t: t.view(t.shape[0], t.shape[1], heads, head_dim).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
+    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    mixed = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)
+    x = x + attention.out_proj(mixed)
+    return x + block.mlp(block.ln_2(x))
+
+
+def test_attention_encoder_equals_a_plain_masked_attention_per_region(tiny_teacher) -> None:
+    images, labels = make_batch()
+    result = encode_regions(tiny_teacher, images, labels, encoder="attention", from_layer=1)
+    visual = tiny_teacher.model.visual
+    with torch.no_grad():
+        x, grid = tiny_teacher.embed_tokens(images)
+        x = visual.transformer.resblocks[0](x)
+        for b in range(2):
+            for r in range(2):
+                if not result.valid[b, r]:
+                    assert (result.tokens[b, r] == 0).all()
+                    continue
+                # this region's mask on the 4x4 token grid: patches at least half covered
+                region = (labels[b] == result.labels[b, r]).float()[None, None]
+                on_grid = torch.nn.functional.avg_pool2d(region, 8).flatten() >= 0.5
+                sequence = x[b : b + 1]  # [CLS, patches]: one copy for one region
+                allowed = torch.ones(1, 17, 17, dtype=torch.bool)
+                allowed[0, 0] = torch.cat([torch.tensor([True]), on_grid])
+                allowed[0, 1:, 0] = False  # patches never see the CLS copy
+                for block in visual.transformer.resblocks[1:]:
+                    sequence = plain_block(block, sequence, allowed)
+                expected = visual.ln_post(sequence[0, 0]) @ visual.proj
+                torch.testing.assert_close(result.tokens[b, r], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_encoder_needs_a_cls_pooled_teacher() -> None:
+    from zeroseg.clip import CLIPTeacher
+    from zeroseg.clip.toy import toy_model_cfg
+
+    images, labels = make_batch()
+    mean_pooled = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg())
+    with pytest.raises(ValueError, match="CLS-pooled teacher"):
+        encode_regions(mean_pooled, images, labels, encoder="attention")

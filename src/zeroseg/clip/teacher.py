@@ -257,6 +257,18 @@ class CLIPTeacher(nn.Module):
         """Images in ``[0, 1]`` → CLIP-normalised input."""
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
+    def embed_tokens(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The token sequence entering the first block, ``(B, 1 + h·w, width)``, and the grid ``(h, w)``:
+        patch embedding, CLS token, position embeddings interpolated to the grid, ``ln_pre``."""
+        visual = self.model.visual
+        x = visual.conv1(self.normalize(images).to(visual.conv1.weight.dtype))
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_token, x], dim=1)
+        x = x + interpolate_position_embedding(visual.positional_embedding, grid).to(x.dtype)
+        return visual.ln_pre(x), grid
+
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(cls (B, D), dense (B, D, H/p, W/p))`` for images ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -265,13 +277,7 @@ class CLIPTeacher(nn.Module):
         final LayerNorm times the visual projection.
         """
         visual = self.model.visual
-        x = visual.conv1(self.normalize(images).to(visual.conv1.weight.dtype))
-        grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        cls_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls_token, x], dim=1)
-        x = x + interpolate_position_embedding(visual.positional_embedding, grid).to(x.dtype)
-        x = visual.ln_pre(x)
+        x, grid = self.embed_tokens(images)
         x = visual.transformer(x)
         x = visual.ln_post(x)
         pooled, tokens = visual._global_pool(x)

@@ -76,7 +76,9 @@ class CLIPToSeg(ZSSMethod):
         bank_size: CLS token bank size (24, Implementation Details; 6 best in Table IX; 0 = none).
         global_distillation / local_distillation / latent_embedding: switch terms (ablations).
         pseudo_masks: keyword arguments of :func:`~zeroseg.toolkit.generate_pseudo_masks`.
-        region_encoder: ``masked_image`` (Eq. 3) or ``crop``; crop_size: input of the crop encoder.
+        region_encoder: ``masked_image`` (Eq. 3, default), ``crop`` or ``attention`` (one pass,
+            IP-CLIP-style); crop_size: input of the crop encoder; region_from_layer: first block
+            with per-region CLS copies for ``attention`` (-4: the last four, MAFT's L = 8 of 12).
         max_regions_per_forward: teacher chunk size for region tokens.
         decoder_layers / decoder_heads: the latent-embedding transformer decoder (depth 1; heads
             must divide the joint dimension).
@@ -98,6 +100,7 @@ class CLIPToSeg(ZSSMethod):
         pseudo_masks: Optional[Mapping[str, Any]] = None,
         region_encoder: str = "masked_image",
         crop_size: int = 224,
+        region_from_layer: int = -4,
         max_regions_per_forward: int = 64,
         decoder_layers: int = 1,
         decoder_heads: int = 8,
@@ -113,7 +116,7 @@ class CLIPToSeg(ZSSMethod):
         self.global_distillation, self.local_distillation = global_distillation, local_distillation
         self.latent_embedding = latent_embedding
         self.pseudo_mask_options = dict(pseudo_masks or {})
-        self.region_encoder, self.crop_size = region_encoder, crop_size
+        self.region_encoder, self.crop_size, self.region_from_layer = region_encoder, crop_size, region_from_layer
         self.max_regions_per_forward = max_regions_per_forward
         self.loss_weights = {"focal": 1.0, "dice": 1.0, "ce": 1.0, **(loss_weights or {})}
         self.focal_gamma = focal_gamma
@@ -156,7 +159,14 @@ class CLIPToSeg(ZSSMethod):
         latent = None
         if self.local_distillation or self.latent_embedding:
             regions = encode_regions(
-                self.teacher, images, pseudo, self.region_encoder, self.ignore_index, self.crop_size, self.max_regions_per_forward
+                self.teacher,
+                images,
+                pseudo,
+                self.region_encoder,
+                self.ignore_index,
+                self.crop_size,
+                self.max_regions_per_forward,
+                from_layer=self.region_from_layer,
             )
             grid_labels = F.interpolate(pseudo.unsqueeze(1).float(), size=features.shape[-2:], mode="nearest")
             local_features, counts = region_means(features, grid_labels.squeeze(1).long(), regions.labels, regions.valid)

@@ -7,7 +7,12 @@ Encoders (``encoder``):
 * ``masked_image`` (default, the paper's literal Eq. 3): the image multiplied by the region mask
   (black outside), at the image's own resolution;
 * ``crop``: the region's bounding box, pixels outside the region filled with CLIP's mean colour,
-  resized to ``crop_size`` (the zsseg / DeOP multi-pass baseline).
+  resized to ``crop_size`` (the zsseg / DeOP multi-pass baseline);
+* ``attention``: one pass per image in which, from block ``from_layer`` on, one copy of the CLS
+  token per region attends only to itself and to that region's patches, while patches attend only
+  to patches (MAFT's IP-CLIP, Sec. 4.1, Eqs. 2–4, here with the frozen weights); region masks are
+  resized to the token grid and thresholded at ``mask_threshold`` (0.5). It needs a teacher whose
+  image embedding is its CLS token (``pool_type: tok``).
 
 Regions are listed per image in ascending label order; results are padded to the largest number
 of regions in the batch with a validity mask.
@@ -19,12 +24,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ["RegionTokens", "find_regions", "encode_regions"]
+__all__ = ["RegionTokens", "find_regions", "encode_regions", "region_attention_mask"]
 
-Encoder = Literal["masked_image", "crop"]
+Encoder = Literal["masked_image", "crop", "attention"]
 
 
 @dataclass
@@ -78,13 +84,17 @@ def encode_regions(
     crop_size: int = 224,
     max_regions_per_forward: int = 64,
     min_pixels: int = 1,
+    from_layer: int = -4,
+    mask_threshold: float = 0.5,
 ) -> RegionTokens:
     """CLIP embeddings of every region of ``labels`` in ``images`` (in ``[0, 1]``).
 
-    ``max_regions_per_forward`` chunks the teacher forward to bound memory.
+    ``max_regions_per_forward`` chunks the teacher forward of the image encoders to bound memory.
+    ``from_layer`` (``attention`` only): first block with per-region CLS copies; negative values
+    count from the end (-4: the last four blocks, MAFT's L = 8 for the 12 blocks of ViT-B).
     """
-    if encoder not in ("masked_image", "crop"):
-        raise ValueError(f"region encoder {encoder!r} is not one of ['masked_image', 'crop']")
+    if encoder not in ("masked_image", "crop", "attention"):
+        raise ValueError(f"region encoder {encoder!r} is not one of ['masked_image', 'crop', 'attention']")
     image_index, region_label = find_regions(labels, ignore_index, min_pixels)
     batch = images.shape[0]
     dim = teacher.embed_dim
@@ -95,17 +105,65 @@ def encode_regions(
     valid = torch.zeros(batch, max_regions, dtype=torch.bool, device=images.device)
     if not len(image_index):
         return RegionTokens(tokens, padded_labels, valid)
+    # slot of each region within its image: its rank among the image's regions
+    first_of_image = torch.cumsum(per_image, 0) - per_image
+    slot = torch.arange(len(image_index), device=images.device) - first_of_image[image_index]
+    padded_labels[image_index, slot] = region_label
+    valid[image_index, slot] = True
+    if encoder == "attention":
+        tokens = _attention_region_tokens(teacher, images, labels, padded_labels, valid, from_layer, mask_threshold)
+        return RegionTokens(tokens, padded_labels, valid)
     fill = teacher.pixel_mean.view(3).to(images.device)
     chunks = []
     for start in range(0, len(image_index), max_regions_per_forward):
         index = image_index[start : start + max_regions_per_forward]
         masks = labels[index] == region_label[start : start + max_regions_per_forward].view(-1, 1, 1)
         chunks.append(teacher.encode_image(_region_inputs(images, masks, index, encoder, fill, crop_size))[0])
-    embeddings = torch.cat(chunks).to(tokens.dtype)
-    # slot of each region within its image: its rank among the image's regions
-    first_of_image = torch.cumsum(per_image, 0) - per_image
-    slot = torch.arange(len(image_index), device=images.device) - first_of_image[image_index]
-    tokens[image_index, slot] = embeddings
-    padded_labels[image_index, slot] = region_label
-    valid[image_index, slot] = True
+    tokens[image_index, slot] = torch.cat(chunks).to(tokens.dtype)
     return RegionTokens(tokens, padded_labels, valid)
+
+
+def region_attention_mask(region_masks: Tensor, valid: Tensor) -> Tensor:
+    """Allowed attention ``(B, R+P, R+P)`` for ``R`` CLS copies followed by ``P`` patches.
+
+    Copy ``r`` attends to itself and to the patches of ``region_masks[:, r]`` (``(B, R, P)``);
+    patches attend to patches only; padded copies (``~valid``) attend to themselves only.
+    """
+    batch, regions, patches = region_masks.shape
+    allowed = torch.zeros(batch, regions + patches, regions + patches, dtype=torch.bool, device=region_masks.device)
+    allowed[:, :regions, :regions] = torch.eye(regions, dtype=torch.bool, device=region_masks.device)
+    allowed[:, :regions, regions:] = region_masks & valid.unsqueeze(-1)
+    allowed[:, regions:, regions:] = True
+    return allowed
+
+
+def _attention_region_tokens(
+    teacher, images: Tensor, labels: Tensor, region_labels: Tensor, valid: Tensor, from_layer: int, mask_threshold: float
+) -> Tensor:
+    visual = teacher.model.visual
+    if visual.pool_type != "tok":
+        raise ValueError(
+            "region encoder 'attention' reads per-region CLS tokens and needs a CLS-pooled teacher "
+            f"(pool_type 'tok'); this teacher pools by {visual.pool_type!r}"
+        )
+    blocks = visual.transformer.resblocks
+    start = from_layer if from_layer >= 0 else len(blocks) + from_layer
+    if not 0 <= start < len(blocks):
+        raise ValueError(f"region encoder from_layer={from_layer} is outside the teacher's {len(blocks)} blocks")
+    x, grid = teacher.embed_tokens(images)
+    for block in blocks[:start]:
+        x = block(x)
+    # region masks on the token grid, thresholded (MAFT: sigmoid masks ≥ 0.5 after resizing)
+    masks = (labels.unsqueeze(1) == region_labels.view(*region_labels.shape, 1, 1)).float()
+    masks = F.interpolate(masks, size=grid, mode="area") >= mask_threshold
+    masks = masks.flatten(2)
+    regions = region_labels.shape[1]
+    sequence = torch.cat([x[:, :1].expand(-1, regions, -1), x[:, 1:]], dim=1)
+    allowed = region_attention_mask(masks, valid)
+    heads = blocks[0].attn.num_heads
+    bias = torch.zeros(allowed.shape, dtype=sequence.dtype, device=sequence.device).masked_fill(~allowed, float("-inf"))
+    bias = bias.repeat_interleave(heads, dim=0)
+    for block in blocks[start:]:
+        sequence = block(sequence, attn_mask=bias)
+    tokens = visual.ln_post(sequence[:, :regions]) @ visual.proj
+    return tokens.masked_fill(~valid.unsqueeze(-1), 0.0)
