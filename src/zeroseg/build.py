@@ -41,7 +41,11 @@ def build_run(cfg: DictConfig, with_callbacks: bool = True) -> dict[str, Any]:
     log.info("method: %s", cfg.method._target_)
     # built as a partial, then called: live objects never pass through OmegaConf
     method_factory = hydra.utils.instantiate(cfg.method, _partial_=True)
-    model: ZSSMethod = method_factory(split=datamodule.split, setting=datamodule.setting, teacher=teacher, backbone=backbone)
+    inference = hydra.utils.instantiate(cfg.inference) if cfg.get("inference") is not None else None
+    log.info("inference: %s", inference)
+    model: ZSSMethod = method_factory(
+        split=datamodule.split, setting=datamodule.setting, teacher=teacher, backbone=backbone, inference=inference
+    )
     callbacks = instantiate_callbacks(cfg.get("callbacks")) if with_callbacks else []
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -15,18 +15,19 @@ is given in training. Validation and test keep full labels and all classes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from zeroseg.data.protocol import label_histograms, select_training_images
 from zeroseg.data.samplers import ResumableDataLoader, ResumableTrainSampler, ShardedEvalSampler
 from zeroseg.data.splits import ClassSplit, Setting, check_setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZSSDataModule", "TrainingLabels"]
+__all__ = ["ZSSDataModule", "TrainingLabels", "collate_segmentation"]
 
 DatasetFactory = Callable[[], Dataset]
 
@@ -64,6 +65,15 @@ class TrainingLabels(Dataset):
         return item
 
 
+def collate_segmentation(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items of equal size; items of different sizes (real test images, resized keeping
+    their aspect ratio) stay lists of tensors, which the methods evaluate one at a time."""
+    shapes = {(tuple(item["image"].shape), tuple(item["label"].shape)) for item in items}
+    if len(shapes) == 1:
+        return default_collate(list(items))
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
 class ZSSDataModule(L.LightningDataModule):
     """Zero-shot segmentation data: class split, setting, and train/val/test loaders.
 
@@ -76,6 +86,12 @@ class ZSSDataModule(L.LightningDataModule):
         eval_batch_size: validation/test batch size per process.
         num_workers: loader workers per process.
         seed: seeds the training order (a permutation per epoch).
+        drop_images_with_unseen: drop training images containing any unseen pixel (ZS3Net's
+            protocol); default keeps them with unseen pixels ignored (ZegCLIP's).
+        skip_all_ignore: drop training images whose training label is all ignore (zsseg/DeOP).
+        label_statistics: count training pixels per class at setup and report them even when no
+            image is dropped (always done when an option above is on).
+        cache_dir: where per-image label counts of folder datasets are cached.
     """
 
     def __init__(
@@ -90,6 +106,10 @@ class ZSSDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        drop_images_with_unseen: bool = False,
+        skip_all_ignore: bool = False,
+        label_statistics: bool = False,
+        cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.split = split
@@ -100,6 +120,11 @@ class ZSSDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
+        self.drop_images_with_unseen = drop_images_with_unseen
+        self.skip_all_ignore = skip_all_ignore
+        self.label_statistics = label_statistics
+        self.cache_dir = cache_dir
+        self.training_set_report: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
         self._train_loader: Optional[ResumableDataLoader] = None
 
@@ -138,9 +163,37 @@ class ZSSDataModule(L.LightningDataModule):
                 continue
             dataset = self._build(name)
             if name == "train":
-                dataset = TrainingLabels(dataset, self.split.train_label_lut(self.setting), self.ignore_index)
+                dataset = TrainingLabels(self._select_training_images(dataset), self.split.train_label_lut(self.setting), self.ignore_index)
             self.datasets[name] = dataset
             log.info("dataset '%s' %s split: %d images", self.split.name, name, len(dataset))  # type: ignore[arg-type]
+
+    def _select_training_images(self, dataset: Dataset) -> Dataset:
+        """Apply the protocol options and report what they kept and removed."""
+        if not (self.drop_images_with_unseen or self.skip_all_ignore or self.label_statistics):
+            self.training_set_report = {"images": len(dataset), "kept_images": len(dataset)}  # type: ignore[arg-type]
+            return dataset
+        histograms = label_histograms(dataset, self.split.num_classes, self.cache_dir, self.num_workers)
+        keep, report = select_training_images(
+            histograms, self.split, self.setting, self.drop_images_with_unseen, self.skip_all_ignore
+        )
+        self.training_set_report = report
+        pixels = max(report["labelled_pixels"], 1)
+        log.info(
+            "dataset '%s' training set (%s): %d images, %d labelled pixels; unseen pixels -> ignore: %d (%.2f%%) in %d images",
+            self.split.name, self.setting, report["images"], report["labelled_pixels"],
+            report["unseen_pixels_to_ignore"], 100 * report["unseen_pixels_to_ignore"] / pixels, report["images_with_unseen"],
+        )  # fmt: skip
+        for option in ("drop_images_with_unseen", "skip_all_ignore"):
+            if option in report:
+                r = report[option]
+                log.info(
+                    "  %s: removed %d images (%d trainable pixels), kept %d",
+                    option, r["removed_images"], r["removed_trainable_pixels"], r["kept_images"],
+                )  # fmt: skip
+        log.info("  kept %d images, %d trainable pixels", report["kept_images"], report["kept_trainable_pixels"])
+        if report["kept_images"] == 0:
+            raise ValueError(f"dataset '{self.split.name}': the protocol options removed every training image ({report})")
+        return dataset if len(keep) == len(histograms) else Subset(dataset, keep.tolist())
 
     # -- loaders ------------------------------------------------------------------------------
     def _rank_and_world(self) -> tuple[int, int]:
@@ -186,6 +239,7 @@ class ZSSDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             generator=self._loader_generator(),
+            collate_fn=collate_segmentation,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -195,4 +249,10 @@ class ZSSDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def describe(self) -> dict[str, Any]:
-        return {**self.split.to_dict(), "setting": self.setting, "train_class_names": list(self.train_class_names)}
+        return {
+            **self.split.to_dict(),
+            "setting": self.setting,
+            "train_class_names": list(self.train_class_names),
+            "drop_images_with_unseen": self.drop_images_with_unseen,
+            "skip_all_ignore": self.skip_all_ignore,
+        }

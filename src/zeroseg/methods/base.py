@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from zeroseg.clip.teacher import CLIPTeacher
 from zeroseg.data.splits import ClassSplit, Setting, check_setting
+from zeroseg.inference import SegmentationInference, resize_logits
 from zeroseg.metrics import SUMMARY_KEYS, HarmonicIoU
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class ZSSMethod(L.LightningModule):
             longest matching prefix (e.g. ``{head: 10.0}``, the SegFormer recipe).
         no_weight_decay_on_norm_and_bias: exclude 1-d parameters (norm weights, biases) from
             weight decay.
+        inference: whole-image or sliding-window evaluation (config group ``inference``);
+            ``None`` = whole image.
     """
 
     # False for training-free methods (evaluated without a checkpoint)
@@ -110,6 +113,7 @@ class ZSSMethod(L.LightningModule):
         scheduler: Optional[Callable[..., Any]] = None,
         lr_multipliers: Optional[Mapping[str, float]] = None,
         no_weight_decay_on_norm_and_bias: bool = True,
+        inference: Optional[SegmentationInference] = None,
     ) -> None:
         super().__init__()
         self.split = split
@@ -119,6 +123,7 @@ class ZSSMethod(L.LightningModule):
         self.scheduler_factory = scheduler
         self.lr_multipliers = dict(lr_multipliers or {})
         self.no_weight_decay_on_norm_and_bias = no_weight_decay_on_norm_and_bias
+        self.inference = inference or SegmentationInference("whole")
         self.class_names: tuple[str, ...] = split.class_names
         self.train_class_names: tuple[str, ...] = split.train_class_names(setting)
         self.unseen_class_ids: list[int] = split.unseen_class_ids
@@ -142,13 +147,17 @@ class ZSSMethod(L.LightningModule):
     # -- shared helpers -------------------------------------------------------------------------
     @staticmethod
     def resize_to(logits: Tensor, size: tuple[int, int]) -> Tensor:
-        if tuple(logits.shape[-2:]) == tuple(size):
-            return logits
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return resize_logits(logits, size)
+
+    def segment(self, images: Tensor, size: Optional[Sequence[int]] = None) -> Tensor:
+        """Logits over ALL classes by the configured inference mode, resized to ``size``
+        (default: the input resolution)."""
+        logits = self.inference(lambda x: self.predict_logits(x, self.class_text_embeddings), images)
+        return resize_logits(logits, size if size is not None else images.shape[-2:])
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits over ALL classes at the input resolution (inference)."""
-        return self.resize_to(self.predict_logits(images, self.class_text_embeddings), images.shape[-2:])
+        return self.segment(images)
 
     # -- Lightning steps --------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
@@ -158,10 +167,14 @@ class ZSSMethod(L.LightningModule):
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
         return losses["loss"]
 
-    def _evaluate(self, batch: Mapping[str, Tensor], metric: HarmonicIoU) -> None:
-        labels = batch["label"]
-        logits = self.resize_to(self.predict_logits(batch["image"], self.class_text_embeddings), labels.shape[-2:])
-        metric.update(logits.argmax(dim=1), labels)
+    def _evaluate(self, batch: Mapping[str, Any], metric: HarmonicIoU) -> None:
+        images, labels = batch["image"], batch["label"]
+        if isinstance(images, Tensor) and isinstance(labels, Tensor):
+            metric.update(self.segment(images, labels.shape[-2:]).argmax(dim=1), labels)
+            return
+        # images of different sizes (real test sets): one at a time, each at its label's size
+        for image, label in zip(images, labels):
+            metric.update(self.segment(image[None], label.shape[-2:]).argmax(dim=1), label[None])
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         # no per-step logging: under DDP ranks may hold different numbers of batches
@@ -246,15 +259,23 @@ class ZSSMethod(L.LightningModule):
         if info is None:
             raise CheckpointMismatchError("checkpoint has no 'zeroseg' entry: it was not written by a zeroseg method")
         saved_split = info["split"]
-        for key, current in (
-            ("class_names", list(self.class_names)),
-            ("unseen_class_names", list(self.split.unseen_class_names)),
-        ):
-            if list(saved_split[key]) != current:
-                raise CheckpointMismatchError(
-                    f"checkpoint split.{key} differs from the configured dataset '{self.split.name}': "
-                    f"checkpoint has {saved_split[key]}, config has {current}"
-                )
+        if saved_split["name"] != self.split.name:
+            # cross-dataset evaluation (COCO-Stuff -> ADE-150 / Context-60): the weights do not
+            # depend on the class list; classes come from the text embeddings of the new names
+            log.warning(
+                "cross-dataset: checkpoint trained on '%s' (%d training classes), evaluated on '%s' (%d classes)",
+                saved_split["name"], len(info["train_class_names"]), self.split.name, self.split.num_classes,
+            )  # fmt: skip
+        else:
+            for key, current in (
+                ("class_names", list(self.class_names)),
+                ("unseen_class_names", list(self.split.unseen_class_names)),
+            ):
+                if list(saved_split[key]) != current:
+                    raise CheckpointMismatchError(
+                        f"checkpoint split.{key} differs from the configured dataset '{self.split.name}': "
+                        f"checkpoint has {saved_split[key]}, config has {current}"
+                    )
         if info["method"] != type(self).__name__:
             raise CheckpointMismatchError(
                 f"checkpoint was written by method {info['method']}, config builds {type(self).__name__}"

@@ -1,0 +1,244 @@
+"""The papers' mmseg data pipelines, for images ``uint8 (H, W, 3)`` and class-id labels ``uint8 (H, W)``.
+
+Training (ZegCLIP / CLIP-to-Seg / Chimera-Seg recipes)::
+
+    RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)
+    RandomCrop(512x512, cat_max_ratio=0.75)
+    RandomFlip(0.5)
+    PhotoMetricDistortion
+    Pad(512x512, image 0, label ignore)
+
+Test: keep-ratio resize into ``scale`` (2048, 512) — the short side becomes 512 unless the long
+side would exceed 2048 — with the label left at its original size (the metric compares at the
+original resolution; :mod:`zeroseg.inference` resizes logits back).
+
+Images are resized bilinearly (PIL), labels only ever by nearest neighbour. Normalisation is not
+done here: the student backbone and the CLIP teacher each normalise with their own statistics.
+Randomness comes from torch's global generator, which Lightning seeds per worker.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from zeroseg.data.folders import image_to_tensor
+
+__all__ = [
+    "PhotoMetricDistortion",
+    "TestTransform",
+    "TrainTransform",
+    "hsv_to_rgb",
+    "keep_ratio_size",
+    "random_crop_box",
+    "rgb_to_hsv",
+]
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    a, b = value
+    return int(a), int(b)
+
+
+def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+    """mmseg's keep-ratio rescale: the largest size with long side ≤ max(scale) and short side
+    ≤ min(scale); returns ``(height, width)``."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if image.shape[:2] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour only: a label value is never blended into another."""
+    if label.shape == size:
+        return label
+    return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in [low, high] from torch's generator."""
+    return int(torch.randint(low, high + 1, (1,)).item())
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(()).item())
+
+
+def random_crop_box(
+    label: np.ndarray, crop_size: tuple[int, int], cat_max_ratio: float, ignore_index: int, attempts: int = 10
+) -> tuple[int, int, int, int]:
+    """mmseg RandomCrop's box ``(top, left, height, width)``: retry up to ``attempts`` times until
+    the crop holds at least two classes and no class covers ``cat_max_ratio`` or more of its
+    labelled pixels; the last draw is kept otherwise. ``cat_max_ratio >= 1`` disables the check."""
+    height, width = label.shape
+    crop_h, crop_w = min(crop_size[0], height), min(crop_size[1], width)
+
+    def draw() -> tuple[int, int, int, int]:
+        return _randint(0, height - crop_h), _randint(0, width - crop_w), crop_h, crop_w
+
+    box = draw()
+    if cat_max_ratio >= 1.0:
+        return box
+    for _ in range(attempts):
+        top, left, h, w = box
+        counts = np.bincount(label[top : top + h, left : left + w].ravel(), minlength=256)
+        counts[ignore_index] = 0
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+        box = draw()
+    return box
+
+
+def rgb_to_hsv(rgb: Tensor) -> Tensor:
+    """``(3, H, W)`` RGB in [0, 1] → HSV with hue in [0, 1)."""
+    r, g, b = rgb.unbind(0)
+    maxc, _ = rgb.max(dim=0)
+    minc, _ = rgb.min(dim=0)
+    delta = maxc - minc
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    saturation = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    hue = torch.where(
+        maxc == r,
+        ((g - b) / safe_delta) % 6,
+        torch.where(maxc == g, (b - r) / safe_delta + 2, (r - g) / safe_delta + 4),
+    )
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue)) % 1.0
+    return torch.stack([hue, saturation, maxc])
+
+
+def hsv_to_rgb(hsv: Tensor) -> Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    hue, saturation, value = hsv.unbind(0)
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype).view(3, 1, 1) + hue * 6) % 6
+    return value - value * saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+class PhotoMetricDistortion:
+    """mmseg's PhotoMetricDistortion on ``(3, H, W)`` float images in [0, 1].
+
+    Each step fires with probability 0.5: brightness shift in ±``brightness_delta``/255;
+    contrast factor in ``contrast_range`` (before or after the colour steps, chosen at random);
+    saturation factor in ``saturation_range`` and hue shift in ±``hue_delta`` OpenCV hue units
+    (2° each) in HSV. Results are clamped to [0, 1] after every step, as mmseg clips to
+    0..255 (it also rounds to uint8 in between, which is not reproduced).
+    """
+
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: Sequence[float] = (0.5, 1.5),
+        saturation_range: Sequence[float] = (0.5, 1.5),
+        hue_delta: int = 18,
+    ) -> None:
+        self.brightness_delta = brightness_delta
+        self.contrast_range = tuple(contrast_range)
+        self.saturation_range = tuple(saturation_range)
+        self.hue_delta = hue_delta
+
+    def _contrast(self, image: Tensor) -> Tensor:
+        if _randint(0, 1):
+            image = (image * _uniform(*self.contrast_range)).clamp_(0, 1)
+        return image
+
+    def __call__(self, image: Tensor) -> Tensor:
+        if _randint(0, 1):
+            image = (image + _uniform(-self.brightness_delta, self.brightness_delta) / 255).clamp_(0, 1)
+        contrast_first = bool(_randint(0, 1))
+        if contrast_first:
+            image = self._contrast(image)
+        change_saturation, change_hue = _randint(0, 1), _randint(0, 1)
+        if change_saturation or change_hue:
+            hsv = rgb_to_hsv(image)
+            if change_saturation:
+                hsv[1] = (hsv[1] * _uniform(*self.saturation_range)).clamp_(0, 1)
+            if change_hue:
+                hsv[0] = (hsv[0] + _randint(-self.hue_delta, self.hue_delta) / 180) % 1.0
+            image = hsv_to_rgb(hsv).clamp_(0, 1)
+        if not contrast_first:
+            image = self._contrast(image)
+        return image
+
+
+def _to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[Tensor, Tensor]:
+    return image_to_tensor(image), torch.from_numpy(label.astype(np.int64))
+
+
+class TrainTransform:
+    """Training pipeline (see the module docstring); every size and probability is a YAML value.
+
+    Args:
+        scale: ``(long, short)`` base scale of the random keep-ratio resize.
+        ratio_range: the base scale is multiplied by a factor drawn uniformly from this range.
+        crop_size: ``(height, width)`` of the random crop; smaller results are padded to it.
+        cat_max_ratio: largest share one class may have of a crop's labelled pixels (1 disables).
+        flip_prob: probability of a horizontal flip.
+        photometric: apply :class:`PhotoMetricDistortion` (``None`` disables).
+        ignore_index: label value of padding.
+    """
+
+    def __init__(
+        self,
+        scale: Sequence[int] = (2048, 512),
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        crop_size: int | Sequence[int] = 512,
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: Optional[PhotoMetricDistortion] = None,
+        ignore_index: int = 255,
+    ) -> None:
+        if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"transform ratio_range={list(ratio_range)} must be [low, high] with 0 < low <= high")
+        self.scale = tuple(int(s) for s in scale)
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.crop_size = _pair(crop_size)  # type: ignore[arg-type]
+        self.cat_max_ratio = cat_max_ratio
+        self.flip_prob = flip_prob
+        self.photometric = photometric
+        self.ignore_index = ignore_index
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, Tensor]:
+        ratio = _uniform(*self.ratio_range)
+        size = keep_ratio_size(*label.shape, [math.floor(s * ratio) for s in self.scale])
+        image, label = resize_image(image, size), resize_label(label, size)
+        top, left, h, w = random_crop_box(label, self.crop_size, self.cat_max_ratio, self.ignore_index)
+        image, label = image[top : top + h, left : left + w], label[top : top + h, left : left + w]
+        if float(torch.rand(()).item()) < self.flip_prob:
+            image, label = image[:, ::-1], label[:, ::-1]
+        image_t, label_t = _to_tensors(image, label)
+        if self.photometric is not None:
+            image_t = self.photometric(image_t)
+        pad_h, pad_w = self.crop_size[0] - h, self.crop_size[1] - w
+        if pad_h or pad_w:
+            image_t = torch.nn.functional.pad(image_t, (0, pad_w, 0, pad_h), value=0.0)
+            label_t = torch.nn.functional.pad(label_t, (0, pad_w, 0, pad_h), value=self.ignore_index)
+        return {"image": image_t, "label": label_t}
+
+
+class TestTransform:
+    """Keep-ratio resize of the image into ``scale``; the label keeps its original size.
+
+    Args:
+        scale: ``(long, short)`` limits of the resize (mmseg ``Resize(scale, keep_ratio=True)``).
+    """
+
+    def __init__(self, scale: Sequence[int] = (2048, 512)) -> None:
+        self.scale = tuple(int(s) for s in scale)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, Tensor]:
+        image = resize_image(image, keep_ratio_size(*label.shape, self.scale))
+        image_t, label_t = _to_tensors(image, label)
+        return {"image": image_t, "label": label_t}
