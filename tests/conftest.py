@@ -39,10 +39,14 @@ def compose_test_config(
 ) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``python -m zeroseg.<config_name>`` would, inside tmp_path."""
     explicit_keys = {o.split("=", 1)[0] for o in overrides}
+    real_dataset = any(o.startswith("dataset=") and o != "dataset=synthetic" for o in overrides)
     tiny_overrides = [
         o
         for o in TINY_OVERRIDES
-        if (config_name == "train" or not o.startswith("callbacks=")) and o.split("=", 1)[0] not in explicit_keys
+        if (config_name == "train" or not o.startswith("callbacks="))
+        and o.split("=", 1)[0] not in explicit_keys
+        # the scene-generator sizes exist only in the synthetic dataset
+        and not (real_dataset and o.startswith(("dataset.train_dataset.", "dataset.val_dataset.", "dataset.test_dataset.")))
     ]
     cfg = compose_config(config_name, [*(tiny_overrides if tiny else ()), *overrides], tmp_path / "run", root_dir=tmp_path)
     with open_dict(cfg):
@@ -71,6 +75,20 @@ def _single_thread_and_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
 
+
+# Real-benchmark configs on the miniature trees of tests/dataset_trees.py (60x80 images):
+# 64-pixel crops, test images resized to short side 64 and evaluated by 64-pixel sliding windows.
+REAL_TINY_OVERRIDES: tuple[str, ...] = (
+    "dataset.num_workers=0",
+    "dataset.pin_memory=false",
+    "dataset.batch_size=2",
+    "dataset.eval_batch_size=2",
+    "dataset.train_dataset.transform.scale=[160,64]",
+    "dataset.train_dataset.transform.crop_size=[64,64]",
+    "dataset.val_dataset.transform.scale=[160,64]",
+    "inference.crop_size=[64,64]",
+    "inference.stride=[48,48]",
+)
 
 TINY_CLIP_CFG = {
     "embed_dim": 32,

@@ -32,7 +32,7 @@ def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = SI
 
 def write_png(path: Path, label: np.ndarray, palette: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(label.astype(np.uint8), mode="L")
+    image = Image.fromarray(label.astype(np.uint8))
     if palette:  # VOC's SegmentationClass PNGs are palette images whose indices are the labels
         image = image.convert("P")
         image.putpalette([v for i in range(256) for v in (i, (37 * i) % 256, (91 * i) % 256)])
@@ -49,7 +49,9 @@ def ids(prefix: str, count: int) -> list[str]:
 
 
 # -- reader layouts -------------------------------------------------------------------------------------
-def write_voc(data_dir: Path, n_train: int = 4, n_aug: int = 3, n_val: int = 3, train_aug_file: bool = False, seed: int = 0) -> dict:
+def write_voc(
+    data_dir: Path, n_train: int = 4, n_aug: int = 3, n_val: int = 3, train_aug_file: bool = False, seed: int = 0
+) -> dict:
     """VOCdevkit/VOC2012 with mmseg's train.txt + aug.txt (or one train_aug.txt)."""
     rng = np.random.default_rng(seed)
     root = data_dir / "VOCdevkit/VOC2012"
@@ -132,7 +134,10 @@ def write_voc_raw(raw: Path, seed: int = 0) -> dict:
     for i in sbd_ids:
         sbd_labels[i] = random_label(rng, list(range(1, 21)), 0).astype(np.uint8)
         (sbd / "cls").mkdir(parents=True, exist_ok=True)
-        savemat(sbd / "cls" / f"{i}.mat", {"GTcls": {"Segmentation": sbd_labels[i], "Boundaries": np.zeros(1), "CategoriesPresent": np.zeros(1)}})
+        savemat(
+            sbd / "cls" / f"{i}.mat",
+            {"GTcls": {"Segmentation": sbd_labels[i], "Boundaries": np.zeros(1), "CategoriesPresent": np.zeros(1)}},
+        )
     write_list(sbd / "train.txt", sbd_ids[:3])
     write_list(sbd / "val.txt", sbd_ids[3:])
     return {"train": train, "val": val, "aug": extra, "sbd_labels": sbd_labels}

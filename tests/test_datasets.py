@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dataset_trees import SIZE, write_ade, write_coco_stuff, write_context, write_image, write_png, write_voc
 
+from dataset_trees import SIZE, write_ade, write_coco_stuff, write_context, write_image, write_png, write_voc
 from zeroseg.data import (
     ADE20KSegmentation,
     COCOStuffSegmentation,
@@ -138,7 +138,10 @@ def test_protocol_options_remove_what_they_say(tmp_path: Path) -> None:
             split,
             lambda: COCOStuffSegmentation(tmp_path, "train"),
             lambda: COCOStuffSegmentation(tmp_path, "val"),
-            batch_size=1, cache_dir=str(tmp_path / "cache"), **options)
+            batch_size=1,
+            cache_dir=str(tmp_path / "cache"),
+            **options,
+        )
         dm.setup("fit")
         subset = dm.datasets["train"].dataset
         return (list(subset.indices) if hasattr(subset, "indices") else list(range(len(subset)))), dm.training_set_report
@@ -189,7 +192,9 @@ def test_unreadable_files_out_of_range_values_and_size_mismatch_name_the_file(tm
     with pytest.raises(OSError, match=f"cannot read image file {image0}"):
         dataset[0]
     write_png(label1, np.full(SIZE, 151))
-    with pytest.raises(LabelValueError, match=rf"label file {label1} holds values \[151\] outside the valid set of 'ade150' {{0-150}}"):
+    with pytest.raises(
+        LabelValueError, match=rf"label file {label1} holds values \[151\] outside the valid set of 'ade150' {{0-150}}"
+    ):
         dataset[1]
     write_image(image2, np.random.default_rng(0), size=(30, 40))
     with pytest.raises(LabelValueError, match=f"label file {label2} is 80x60 but its image {image2} is 40x30"):

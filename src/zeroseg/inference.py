@@ -85,7 +85,7 @@ class SegmentationInference:
     def slide(self, predict: Predict, images: Tensor) -> Tensor:
         batch, _, height, width = images.shape
         boxes = window_boxes(height, width, self.crop_size, self.stride)
-        crops = torch.stack([images[:, :, t : t + h, l : l + w] for t, l, h, w in boxes], dim=1)  # (B, N, 3, h, w)
+        crops = torch.stack([images[:, :, top : top + h, left : left + w] for top, left, h, w in boxes], dim=1)  # (B, N, 3, h, w)
         crops = crops.flatten(0, 1)
         window_h, window_w = boxes[0][2], boxes[0][3]
         summed: Tensor | None = None

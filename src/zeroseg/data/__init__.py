@@ -12,7 +12,7 @@ from zeroseg.data.folders import (
 from zeroseg.data.samplers import ResumableDataLoader, ResumableTrainSampler, ShardedEvalSampler
 from zeroseg.data.splits import SETTINGS, ClassSplit
 from zeroseg.data.synthetic import SyntheticScenes
-from zeroseg.data.transforms import PhotoMetricDistortion, TestTransform, TrainTransform
+from zeroseg.data.transforms import EvalTransform, PhotoMetricDistortion, TrainTransform
 
 __all__ = [
     "ADE20KSegmentation",
@@ -29,7 +29,7 @@ __all__ = [
     "SegmentationFolder",
     "ShardedEvalSampler",
     "SyntheticScenes",
-    "TestTransform",
+    "EvalTransform",
     "TrainTransform",
     "TrainingLabels",
     "VOCSegmentation",

@@ -146,8 +146,21 @@ BENCHMARKS: dict[str, BenchmarkClasses] = {
         "coco_stuff",
         COCO_STUFF_CLASSES,
         (
-            'cow', 'giraffe', 'suitcase', 'frisbee', 'skateboard', 'carrot', 'scissors', 'cardboard', 'clouds',
-            'grass', 'playingfield', 'river', 'road', 'tree', 'wall-concrete',
+            "cow",
+            "giraffe",
+            "suitcase",
+            "frisbee",
+            "skateboard",
+            "carrot",
+            "scissors",
+            "cardboard",
+            "clouds",
+            "grass",
+            "playingfield",
+            "river",
+            "road",
+            "tree",
+            "wall-concrete",
         ),  # fmt: skip
         _COCO_READABLE,
         "ZegCLIP coco-stuff configs (SPNet split)",
@@ -198,8 +211,7 @@ def benchmark_split(
     unknown = [k for k in rename if k not in styled]
     if unknown:
         raise ValueError(
-            f"benchmark '{benchmark}': split.rename keys {unknown} are not class names "
-            f"(names={names!r} spelling: {list(styled)})"
+            f"benchmark '{benchmark}': split.rename keys {unknown} are not class names (names={names!r} spelling: {list(styled)})"
         )
     final = tuple(rename.get(n, n) for n in styled)
     if unseen_class_names is None:

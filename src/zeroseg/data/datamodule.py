@@ -163,7 +163,9 @@ class ZSSDataModule(L.LightningDataModule):
                 continue
             dataset = self._build(name)
             if name == "train":
-                dataset = TrainingLabels(self._select_training_images(dataset), self.split.train_label_lut(self.setting), self.ignore_index)
+                dataset = TrainingLabels(
+                    self._select_training_images(dataset), self.split.train_label_lut(self.setting), self.ignore_index
+                )
             self.datasets[name] = dataset
             log.info("dataset '%s' %s split: %d images", self.split.name, name, len(dataset))  # type: ignore[arg-type]
 

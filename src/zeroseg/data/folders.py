@@ -129,7 +129,9 @@ class SegmentationFolder(Dataset):
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
     lut: np.ndarray
 
-    def __init__(self, data_dir: str | Path, split: str, transform: Optional[Transform] = None, limit: Optional[int] = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, split: str, transform: Optional[Transform] = None, limit: Optional[int] = None
+    ) -> None:
         if split not in self.splits:
             raise ValueError(f"dataset '{self.name}': split={split!r} is not one of {list(self.splits)}")
         self.data_dir = Path(data_dir)
@@ -163,7 +165,9 @@ class SegmentationFolder(Dataset):
             raise self.layout_error(f"file {path} does not exist")
         return path
 
-    def pairs_from_list(self, list_file: Path, image_dir: Path, label_dir: Path, label_suffix: str = ".png") -> list[tuple[Path, Path]]:
+    def pairs_from_list(
+        self, list_file: Path, image_dir: Path, label_dir: Path, label_suffix: str = ".png"
+    ) -> list[tuple[Path, Path]]:
         ids = _read_list(self.require_file(list_file), f"dataset '{self.name}'")
         self.require_dir(image_dir)
         self.require_dir(label_dir)
@@ -247,7 +251,14 @@ VOCdevkit/VOC2012/
   ImageSets/Segmentation/train.txt + aug.txt   (or train_aug.txt), val.txt"""
     lut = label_lut(range(1, 21), offset=1, ignore_raw=(0, IGNORE_INDEX))
 
-    def __init__(self, data_dir: str | Path, split: str, transform: Optional[Transform] = None, limit: Optional[int] = None, use_aug: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        transform: Optional[Transform] = None,
+        limit: Optional[int] = None,
+        use_aug: bool = True,
+    ) -> None:
         self.use_aug = use_aug
         super().__init__(data_dir, split, transform, limit)
 
@@ -303,7 +314,12 @@ VOCdevkit/VOC2010/
   ImageSets/SegmentationContext/train.txt, val.txt"""
 
     def __init__(
-        self, data_dir: str | Path, split: str, transform: Optional[Transform] = None, limit: Optional[int] = None, num_classes: int = 59
+        self,
+        data_dir: str | Path,
+        split: str,
+        transform: Optional[Transform] = None,
+        limit: Optional[int] = None,
+        num_classes: int = 59,
     ) -> None:
         if num_classes == 59:
             self.lut = label_lut(range(1, 60), offset=1, ignore_raw=(0, IGNORE_INDEX))

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from zeroseg.data.benchmarks import CONTEXT60_CLASSES, COCO_STUFF_RAW_NAMES, COCO_STUFF_UNUSED_RAW_NAMES
+from zeroseg.data.benchmarks import COCO_STUFF_RAW_NAMES, COCO_STUFF_UNUSED_RAW_NAMES, CONTEXT60_CLASSES
 from zeroseg.data.folders import read_label
 
 __all__ = ["PrepareError", "main", "prepare"]
@@ -80,7 +80,7 @@ class FileJob:
 
 def _write_png(array: np.ndarray, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
-    Image.fromarray(array.astype(np.uint8), mode="L").save(tmp, format="PNG")
+    Image.fromarray(array.astype(np.uint8)).save(tmp, format="PNG")
     os.replace(tmp, dst)
 
 
@@ -217,8 +217,19 @@ def plan_voc(raw: Path, out: Path) -> Plan:
     sbd_ids = sorted(set(_ids(sbd / "train.txt")) | set(_ids(sbd / "val.txt")))
     aug = sorted(set(sbd_ids) - set(train) - set(val))
     root = out / "VOCdevkit/VOC2012"
-    jobs = [FileJob("link", voc / "JPEGImages" / f"{i}.jpg", root / "JPEGImages" / f"{i}.jpg", "images") for i in sorted(set(train) | set(val) | set(aug))]
-    jobs += [FileJob("label_png", voc / "SegmentationClass" / f"{i}.png", root / "SegmentationClass" / f"{i}.png", "train" if i in set(train) else "val") for i in train + val]
+    jobs = [
+        FileJob("link", voc / "JPEGImages" / f"{i}.jpg", root / "JPEGImages" / f"{i}.jpg", "images")
+        for i in sorted(set(train) | set(val) | set(aug))
+    ]
+    jobs += [
+        FileJob(
+            "label_png",
+            voc / "SegmentationClass" / f"{i}.png",
+            root / "SegmentationClass" / f"{i}.png",
+            "train" if i in set(train) else "val",
+        )
+        for i in train + val
+    ]
     jobs += [FileJob("sbd_mat", sbd / "cls" / f"{i}.mat", root / "SegmentationClassAug" / f"{i}.png", "train") for i in aug]
     lists = {root / "ImageSets/Segmentation" / f"{n}.txt": ids for n, ids in (("train", train), ("val", val), ("aug", aug))}
     return Plan(jobs, {"train": len(train) + len(aug), "val": len(val)}, [voc, sbd], root, lists, VALID_LABEL_VALUES["voc"])
@@ -247,7 +258,9 @@ def plan_coco_stuff(raw: Path, out: Path) -> Plan:
         for image in images:
             label = _require(maps / folder / f"{image.stem}.png", f"COCO-Stuff label of {image}")
             jobs.append(FileJob("link", image, root / "images" / folder / image.name, "images"))
-            jobs.append(FileJob("coco_label", label, root / "annotations" / folder / f"{image.stem}_labelTrainIds.png", split, lut))
+            jobs.append(
+                FileJob("coco_label", label, root / "annotations" / folder / f"{image.stem}_labelTrainIds.png", split, lut)
+            )
     return Plan(jobs, counts, [raw / "train2017", raw / "val2017", maps], root, {}, VALID_LABEL_VALUES["coco_stuff"])
 
 
@@ -321,7 +334,9 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def prepare(dataset: str, raw: Path, out: Path, workers: int = 1, link: str = "auto", allow_partial: bool = False) -> dict[str, int]:
+def prepare(
+    dataset: str, raw: Path, out: Path, workers: int = 1, link: str = "auto", allow_partial: bool = False
+) -> dict[str, int]:
     """Build ``dataset``'s layout under ``out`` from ``raw``; returns the image count per split."""
     if dataset not in PLANS:
         raise PrepareError(f"dataset {dataset!r} is unknown; expected one of {sorted(PLANS)}")
@@ -329,7 +344,9 @@ def prepare(dataset: str, raw: Path, out: Path, workers: int = 1, link: str = "a
     plan = PLANS[dataset](raw, out)
     for source in plan.raw_roots:
         if _inside(plan.out_root, source) or _inside(source, plan.out_root):
-            raise PrepareError(f"output {plan.out_root} overlaps the raw folder {source}; raw data is never overwritten: choose another --out")
+            raise PrepareError(
+                f"output {plan.out_root} overlaps the raw folder {source}; raw data is never overwritten: choose another --out"
+            )
     official = OFFICIAL_COUNTS[dataset]
     for split, count in plan.counts.items():
         if count == 0:
@@ -358,7 +375,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--raw", required=True, type=Path, help="folder holding the extracted official downloads")
     parser.add_argument("--out", required=True, type=Path, help="paths.data_dir: the layout is written under it")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
-    parser.add_argument("--link", choices=["auto", "hardlink", "symlink", "copy"], default="auto", help="how images are placed (auto: hardlink, else copy)")
+    parser.add_argument(
+        "--link",
+        choices=["auto", "hardlink", "symlink", "copy"],
+        default="auto",
+        help="how images are placed (auto: hardlink, else copy)",
+    )
     parser.add_argument("--allow-partial", action="store_true", help="accept fewer images than the official counts (subsets)")
     args = parser.parse_args(argv)
     try:

@@ -58,7 +58,9 @@ def _cache_key(dataset: Dataset, num_classes: int) -> Optional[str]:
     return digest.hexdigest()[:16]
 
 
-def label_histograms(dataset: Dataset, num_classes: int, cache_dir: Optional[str | Path] = None, num_workers: int = 0) -> np.ndarray:
+def label_histograms(
+    dataset: Dataset, num_classes: int, cache_dir: Optional[str | Path] = None, num_workers: int = 0
+) -> np.ndarray:
     """``(N, num_classes + 1)`` int64 pixel counts per image; the last column counts ignore.
 
     Datasets with a ``read_label(index)`` method (the folder readers) are read without their

@@ -12,7 +12,8 @@ Test: keep-ratio resize into ``scale`` (2048, 512) — the short side becomes 51
 side would exceed 2048 — with the label left at its original size (the metric compares at the
 original resolution; :mod:`zeroseg.inference` resizes logits back).
 
-Images are resized bilinearly (PIL), labels only ever by nearest neighbour. Normalisation is not
+Images stay uint8 until the end (as mmseg's), are resized bilinearly (PIL), labels only ever by
+nearest neighbour. Normalisation is not
 done here: the student backbone and the CLIP teacher each normalise with their own statistics.
 Randomness comes from torch's global generator, which Lightning seeds per worker.
 """
@@ -31,12 +32,10 @@ from zeroseg.data.folders import image_to_tensor
 
 __all__ = [
     "PhotoMetricDistortion",
-    "TestTransform",
+    "EvalTransform",
     "TrainTransform",
-    "hsv_to_rgb",
     "keep_ratio_size",
     "random_crop_box",
-    "rgb_to_hsv",
 ]
 
 
@@ -103,38 +102,20 @@ def random_crop_box(
     return box
 
 
-def rgb_to_hsv(rgb: Tensor) -> Tensor:
-    """``(3, H, W)`` RGB in [0, 1] → HSV with hue in [0, 1)."""
-    r, g, b = rgb.unbind(0)
-    maxc, _ = rgb.max(dim=0)
-    minc, _ = rgb.min(dim=0)
-    delta = maxc - minc
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    saturation = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    hue = torch.where(
-        maxc == r,
-        ((g - b) / safe_delta) % 6,
-        torch.where(maxc == g, (b - r) / safe_delta + 2, (r - g) / safe_delta + 4),
-    )
-    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue)) % 1.0
-    return torch.stack([hue, saturation, maxc])
-
-
-def hsv_to_rgb(hsv: Tensor) -> Tensor:
-    """Inverse of :func:`rgb_to_hsv`."""
-    hue, saturation, value = hsv.unbind(0)
-    k = (torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype).view(3, 1, 1) + hue * 6) % 6
-    return value - value * saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+def _saturate(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's ``convert``: ``clip(x * alpha + beta, 0, 255)`` truncated to uint8."""
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
 class PhotoMetricDistortion:
-    """mmseg's PhotoMetricDistortion on ``(3, H, W)`` float images in [0, 1].
+    """mmseg's PhotoMetricDistortion on ``uint8 (H, W, 3)`` RGB images.
 
-    Each step fires with probability 0.5: brightness shift in ±``brightness_delta``/255;
-    contrast factor in ``contrast_range`` (before or after the colour steps, chosen at random);
-    saturation factor in ``saturation_range`` and hue shift in ±``hue_delta`` OpenCV hue units
-    (2° each) in HSV. Results are clamped to [0, 1] after every step, as mmseg clips to
-    0..255 (it also rounds to uint8 in between, which is not reproduced).
+    Each step fires with probability 0.5: brightness shift in ±``brightness_delta``; contrast
+    factor in ``contrast_range`` (before or after the colour steps, chosen at random); saturation
+    factor in ``saturation_range`` and hue shift in ±``hue_delta`` OpenCV hue units (of 180) in HSV.
+    Values are clipped to 0..255 and truncated to uint8 after every step, as mmseg does. HSV comes
+    from PIL (hue in 0..255, so the shift is rescaled by 256/180) instead of OpenCV: the
+    conversions round differently by at most one unit.
     """
 
     def __init__(
@@ -149,25 +130,26 @@ class PhotoMetricDistortion:
         self.saturation_range = tuple(saturation_range)
         self.hue_delta = hue_delta
 
-    def _contrast(self, image: Tensor) -> Tensor:
+    def _contrast(self, image: np.ndarray) -> np.ndarray:
         if _randint(0, 1):
-            image = (image * _uniform(*self.contrast_range)).clamp_(0, 1)
+            image = _saturate(image, alpha=_uniform(*self.contrast_range))
         return image
 
-    def __call__(self, image: Tensor) -> Tensor:
+    def __call__(self, image: np.ndarray) -> np.ndarray:
         if _randint(0, 1):
-            image = (image + _uniform(-self.brightness_delta, self.brightness_delta) / 255).clamp_(0, 1)
+            image = _saturate(image, beta=_uniform(-self.brightness_delta, self.brightness_delta))
         contrast_first = bool(_randint(0, 1))
         if contrast_first:
             image = self._contrast(image)
         change_saturation, change_hue = _randint(0, 1), _randint(0, 1)
         if change_saturation or change_hue:
-            hsv = rgb_to_hsv(image)
+            hsv = np.array(Image.fromarray(np.ascontiguousarray(image)).convert("HSV"))
             if change_saturation:
-                hsv[1] = (hsv[1] * _uniform(*self.saturation_range)).clamp_(0, 1)
+                hsv[..., 1] = _saturate(hsv[..., 1], alpha=_uniform(*self.saturation_range))
             if change_hue:
-                hsv[0] = (hsv[0] + _randint(-self.hue_delta, self.hue_delta) / 180) % 1.0
-            image = hsv_to_rgb(hsv).clamp_(0, 1)
+                shift = round(_randint(-self.hue_delta, self.hue_delta) * 256 / 180)
+                hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 256).astype(np.uint8)
+            image = np.asarray(Image.frombytes("HSV", (hsv.shape[1], hsv.shape[0]), hsv.tobytes()).convert("RGB"))
         if not contrast_first:
             image = self._contrast(image)
         return image
@@ -218,9 +200,9 @@ class TrainTransform:
         image, label = image[top : top + h, left : left + w], label[top : top + h, left : left + w]
         if float(torch.rand(()).item()) < self.flip_prob:
             image, label = image[:, ::-1], label[:, ::-1]
-        image_t, label_t = _to_tensors(image, label)
         if self.photometric is not None:
-            image_t = self.photometric(image_t)
+            image = self.photometric(image)
+        image_t, label_t = _to_tensors(image, label)
         pad_h, pad_w = self.crop_size[0] - h, self.crop_size[1] - w
         if pad_h or pad_w:
             image_t = torch.nn.functional.pad(image_t, (0, pad_w, 0, pad_h), value=0.0)
@@ -228,7 +210,7 @@ class TrainTransform:
         return {"image": image_t, "label": label_t}
 
 
-class TestTransform:
+class EvalTransform:
     """Keep-ratio resize of the image into ``scale``; the label keeps its original size.
 
     Args:

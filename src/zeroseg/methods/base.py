@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroseg.clip.teacher import CLIPTeacher
