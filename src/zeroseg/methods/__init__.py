@@ -1,6 +1,7 @@
 from zeroseg.methods.base import CheckpointMismatchError, ZSSMethod
 from zeroseg.methods.baseline import Baseline
 from zeroseg.methods.c2s import CLIPToSeg
+from zeroseg.methods.chimera import ChimeraSeg
 from zeroseg.methods.clip_zero_shot import CLIPZeroShot
 
-__all__ = ["Baseline", "CLIPToSeg", "CLIPZeroShot", "CheckpointMismatchError", "ZSSMethod"]
+__all__ = ["Baseline", "CLIPToSeg", "CLIPZeroShot", "CheckpointMismatchError", "ChimeraSeg", "ZSSMethod"]

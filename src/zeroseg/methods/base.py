@@ -152,7 +152,12 @@ class ZSSMethod(L.LightningModule):
         """Logits over ALL classes by the configured inference mode, resized to ``size``
         (default: the input resolution)."""
         logits = self.inference(lambda x: self.predict_logits(x, self.class_text_embeddings), images)
-        return resize_logits(logits, size if size is not None else images.shape[-2:])
+        return self.calibrate_logits(resize_logits(logits, size if size is not None else images.shape[-2:]))
+
+    def calibrate_logits(self, logits: Tensor) -> Tensor:
+        """Evaluation-time adjustment of the logits over all classes (e.g. Chimera-Seg's γ on the
+        unseen classes); never applied in training. Identity by default."""
+        return logits
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits over ALL classes at the input resolution (inference)."""

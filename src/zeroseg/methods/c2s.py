@@ -42,7 +42,7 @@ from zeroseg.models.backbones import Backbone
 from zeroseg.toolkit import TokenBank, encode_regions, generate_pseudo_masks
 from zeroseg.toolkit.losses import dice_loss, info_nce, softmax_focal_loss
 
-__all__ = ["CLIPToSeg", "region_means", "attention_pooled_feature"]
+__all__ = ["CLIPToSeg", "attention_pooled_feature", "latent_class_embeddings", "region_means", "seen_and_latent_logits"]
 
 
 def attention_pooled_feature(features: Tensor, query: Tensor) -> Tensor:
@@ -194,32 +194,59 @@ class CLIPToSeg(ZSSMethod):
         keys = torch.cat([global_cls.unsqueeze(1), regions.tokens.float()], dim=1)
         key_padding = ~torch.cat([torch.ones_like(regions.valid[:, :1]), regions.valid], dim=1)
         generated = self.latent_decoder(local_features, keys, memory_key_padding_mask=key_padding)
-        image_index, slot = torch.nonzero(is_latent, as_tuple=True)
-        latent_class = regions.labels[image_index, slot] - num_seen
-        num_latent = int(latent_class.max()) + 1
-        embeddings = generated.new_zeros(len(global_cls), num_latent, generated.shape[-1])
-        valid = torch.zeros(len(global_cls), num_latent, dtype=torch.bool, device=generated.device)
-        embeddings = embeddings.index_put((image_index, latent_class), generated[image_index, slot])
-        valid[image_index, latent_class] = True
-        return embeddings, valid
+        return latent_class_embeddings(generated, regions.labels, is_latent, num_seen)
 
     def _segmentation_logits(self, features, pseudo, num_seen, latent) -> tuple[Tensor, Tensor]:
-        """Eq. 7 logits at label resolution, ``cat(X_s, X_u)``, and the matching target."""
-        logits = cosine_logits(features, self.train_text_embeddings, 1 / self.alpha)  # X_s = α·F̂ᵀA_s
-        is_latent_pixel = pseudo >= num_seen
-        is_latent_pixel &= pseudo != self.ignore_index
-        if latent is None:
-            target = torch.where(is_latent_pixel, torch.full_like(pseudo, self.ignore_index), pseudo)
-            return self.resize_to(logits, pseudo.shape[-2:]), target
-        embeddings, valid = latent
-        pixels = F.normalize(features, dim=1)
-        latent_logits = self.beta * torch.einsum("bdhw,bgd->bghw", pixels, F.normalize(embeddings, dim=-1))  # X_u
-        # resize before masking absent latent classes with -inf (interpolating -inf gives NaN)
-        logits = self.resize_to(torch.cat([logits, latent_logits], dim=1), pseudo.shape[-2:])
-        absent = torch.cat([valid.new_zeros(valid.shape[0], num_seen), ~valid], dim=1)
-        logits = logits.masked_fill(absent.view(*absent.shape, 1, 1), float("-inf"))
-        # a latent pixel whose class got no embedding (region below the feature grid) is ignored
-        latent_index = (pseudo - num_seen).clamp(0, valid.shape[1] - 1)
-        has_embedding = torch.gather(valid, 1, latent_index.flatten(1)).view_as(pseudo)
-        target = torch.where(is_latent_pixel & ~has_embedding, torch.full_like(pseudo, self.ignore_index), pseudo)
-        return logits, target
+        """Eq. 7: ``X_s = α·F̂ᵀA_s``, ``X_u = β·cos(F, A'_u)``."""
+        return seen_and_latent_logits(
+            features, self.train_text_embeddings, pseudo, num_seen, latent, self.alpha, self.beta, self.ignore_index
+        )
+
+
+def latent_class_embeddings(region_embeddings: Tensor, region_labels: Tensor, is_latent: Tensor, num_seen: int) -> tuple[Tensor, Tensor]:
+    """Scatter per-region embeddings ``(B, R, D)`` of latent regions to ``(B, G, D)`` indexed by
+    latent class ``label - num_seen``, with ``valid (B, G)`` marking the classes an image has."""
+    image_index, slot = torch.nonzero(is_latent, as_tuple=True)
+    latent_class = region_labels[image_index, slot] - num_seen
+    num_latent = int(latent_class.max()) + 1
+    batch = region_embeddings.shape[0]
+    embeddings = region_embeddings.new_zeros(batch, num_latent, region_embeddings.shape[-1])
+    valid = torch.zeros(batch, num_latent, dtype=torch.bool, device=region_embeddings.device)
+    embeddings = embeddings.index_put((image_index, latent_class), region_embeddings[image_index, slot])
+    valid[image_index, latent_class] = True
+    return embeddings, valid
+
+
+def seen_and_latent_logits(
+    features: Tensor,
+    seen_embeddings: Tensor,
+    pseudo: Tensor,
+    num_seen: int,
+    latent: Optional[tuple[Tensor, Tensor]],
+    seen_scale: float,
+    latent_scale: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor]:
+    """Logits ``cat(seen_scale·cos(F, A_s), latent_scale·cos(F, latent_b))`` at label resolution and
+    the matching target, for pseudo labels where latent class ``j`` of an image is ``num_seen + j``.
+
+    ``latent`` = ``(embeddings (B, G, D), valid (B, G))`` or ``None`` (no latent region in the
+    batch: seen classes only, latent pixels ignored). Latent classes an image lacks get ``-inf``;
+    a latent pixel whose class has no embedding (a region below the feature grid) is ignored.
+    """
+    logits = cosine_logits(features, seen_embeddings, 1 / seen_scale)
+    is_latent_pixel = (pseudo >= num_seen) & (pseudo != ignore_index)
+    if latent is None:
+        target = torch.where(is_latent_pixel, torch.full_like(pseudo, ignore_index), pseudo)
+        return ZSSMethod.resize_to(logits, pseudo.shape[-2:]), target
+    embeddings, valid = latent
+    pixels = F.normalize(features, dim=1)
+    latent_logits = latent_scale * torch.einsum("bdhw,bgd->bghw", pixels, F.normalize(embeddings, dim=-1))
+    # resize before masking absent latent classes with -inf (interpolating -inf gives NaN)
+    logits = ZSSMethod.resize_to(torch.cat([logits, latent_logits], dim=1), pseudo.shape[-2:])
+    absent = torch.cat([valid.new_zeros(valid.shape[0], num_seen), ~valid], dim=1)
+    logits = logits.masked_fill(absent.view(*absent.shape, 1, 1), float("-inf"))
+    latent_index = (pseudo - num_seen).clamp(0, valid.shape[1] - 1)
+    has_embedding = torch.gather(valid, 1, latent_index.flatten(1)).view_as(pseudo)
+    target = torch.where(is_latent_pixel & ~has_embedding, torch.full_like(pseudo, ignore_index), pseudo)
+    return logits, target

@@ -58,6 +58,23 @@ def find_regions(labels: Tensor, ignore_index: int = 255, min_pixels: int = 1) -
     return image_index, region_label
 
 
+def padded_regions(labels: Tensor, ignore_index: int = 255, min_pixels: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The regions of ``labels (B, H, W)`` per image, padded: ``image_index, region_label, slot``
+    (flat, one entry per region) and ``padded_labels (B, R)`` (-1 = padding), ``valid (B, R)``."""
+    image_index, region_label = find_regions(labels, ignore_index, min_pixels)
+    batch = labels.shape[0]
+    per_image = torch.bincount(image_index, minlength=batch)
+    max_regions = int(per_image.max()) if len(image_index) else 0
+    padded_labels = torch.full((batch, max_regions), -1, dtype=torch.long, device=labels.device)
+    valid = torch.zeros(batch, max_regions, dtype=torch.bool, device=labels.device)
+    # slot of each region within its image: its rank among the image's regions
+    first_of_image = torch.cumsum(per_image, 0) - per_image
+    slot = torch.arange(len(image_index), device=labels.device) - first_of_image[image_index]
+    padded_labels[image_index, slot] = region_label
+    valid[image_index, slot] = True
+    return image_index, region_label, slot, padded_labels, valid
+
+
 def _region_inputs(images: Tensor, masks: Tensor, image_index: Tensor, encoder: Encoder, fill: Tensor, crop_size: int) -> Tensor:
     region_images = images[image_index]
     if encoder == "masked_image":
@@ -95,21 +112,10 @@ def encode_regions(
     """
     if encoder not in ("masked_image", "crop", "attention"):
         raise ValueError(f"region encoder {encoder!r} is not one of ['masked_image', 'crop', 'attention']")
-    image_index, region_label = find_regions(labels, ignore_index, min_pixels)
-    batch = images.shape[0]
-    dim = teacher.embed_dim
-    per_image = torch.bincount(image_index, minlength=batch)
-    max_regions = int(per_image.max()) if len(image_index) else 0
-    tokens = images.new_zeros(batch, max_regions, dim)
-    padded_labels = torch.full((batch, max_regions), -1, dtype=torch.long, device=images.device)
-    valid = torch.zeros(batch, max_regions, dtype=torch.bool, device=images.device)
+    image_index, region_label, slot, padded_labels, valid = padded_regions(labels, ignore_index, min_pixels)
+    tokens = images.new_zeros(*valid.shape, teacher.embed_dim)
     if not len(image_index):
         return RegionTokens(tokens, padded_labels, valid)
-    # slot of each region within its image: its rank among the image's regions
-    first_of_image = torch.cumsum(per_image, 0) - per_image
-    slot = torch.arange(len(image_index), device=images.device) - first_of_image[image_index]
-    padded_labels[image_index, slot] = region_label
-    valid[image_index, slot] = True
     if encoder == "attention":
         tokens = _attention_region_tokens(teacher, images, labels, padded_labels, valid, from_layer, mask_threshold)
         return RegionTokens(tokens, padded_labels, valid)
