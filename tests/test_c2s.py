@@ -14,6 +14,8 @@ from zeroseg.methods.c2s import attention_pooled_feature, region_means
 from zeroseg.toolkit.losses import dice_loss, info_nce, softmax_focal_loss
 from zeroseg.train import train
 
+from conftest import compose_sweep_jobs
+
 # 32-pixel test scenes give the toy CLIP a 4x4 token grid: windows up to 3
 C2S = ["method=c2s", "method.head.width=32", "method.decoder_heads=4", "method.pseudo_masks.window_sizes=[1,3]"]
 
@@ -122,30 +124,9 @@ def test_c2s_trains_end_to_end_and_inference_never_calls_the_teacher_visual_enco
 
 @pytest.mark.parametrize("experiment,jobs", [("c2s_ablation_modules", 8), ("c2s_ablation_windows", 3), ("c2s_ablation_bank", 5)])
 def test_ablation_sweeps_compose_every_job(experiment: str, jobs: int) -> None:
-    import itertools
-
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
-        base = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-        parser = OverridesParser.create()
-        sweeps = parser.parse_overrides([f"{k}={v}" for k, v in base.hydra.sweeper.params.items()])
-        axes = [[f"{o.key_or_group}={value}" for value in o.sweep_string_iterator()] for o in sweeps]
-        combinations = list(itertools.product(*axes))
-        assert len(combinations) == jobs
-        for combination in combinations:
-            cfg = compose("train", overrides=[f"experiment={experiment}", *combination])
-            assert cfg.method._target_ == "zeroseg.methods.CLIPToSeg"
-            for override in combination:
-                key, value = override.split("=", 1)
-                node = cfg
-                for part in key.split("."):
-                    node = node[part]
-                assert str(node).replace(" ", "").lower() == value.replace(" ", "").lower(), override
-    GlobalHydra.instance().clear()
+    configs = compose_sweep_jobs(experiment)
+    assert len(configs) == jobs
+    assert all(cfg.method._target_ == "zeroseg.methods.CLIPToSeg" for _, cfg in configs)
 
 
 def test_bank_size_zero_uses_the_batch_only(make_cfg) -> None:

@@ -203,7 +203,9 @@ class CLIPToSeg(ZSSMethod):
         )
 
 
-def latent_class_embeddings(region_embeddings: Tensor, region_labels: Tensor, is_latent: Tensor, num_seen: int) -> tuple[Tensor, Tensor]:
+def latent_class_embeddings(
+    region_embeddings: Tensor, region_labels: Tensor, is_latent: Tensor, num_seen: int
+) -> tuple[Tensor, Tensor]:
     """Scatter per-region embeddings ``(B, R, D)`` of latent regions to ``(B, G, D)`` indexed by
     latent class ``label - num_seen``, with ``valid (B, G)`` marking the classes an image has."""
     image_index, slot = torch.nonzero(is_latent, as_tuple=True)

@@ -54,7 +54,9 @@ def scheduled_top_k(step: int, start: float, rate: float, positions: int) -> int
     return int(min(max(round(start + rate * step), 1), positions))
 
 
-def selective_global_feature(features: Tensor, global_cls: Tensor, top_k: int, temperature: float, gumbel: Optional[Tensor] = None) -> Tensor:
+def selective_global_feature(
+    features: Tensor, global_cls: Tensor, top_k: int, temperature: float, gumbel: Optional[Tensor] = None
+) -> Tensor:
     """SGD's F_g (Eqs. 1–2): ``features (B, D, L)``, ``global_cls (B, D)`` → ``(B, D)``.
 
     ``gumbel (B, L)`` is the noise ``−log(−log ε)``; ``None`` draws it, zeros select the true top-K.
@@ -72,7 +74,13 @@ def selective_global_feature(features: Tensor, global_cls: Tensor, top_k: int, t
 
 
 def semantic_alignment_loss(
-    prototypes: Tensor, prototype_classes: Tensor, seen_present: Tensor, text_embeddings: Tensor, global_cls: Tensor, tau_f: float, tau_c: float
+    prototypes: Tensor,
+    prototype_classes: Tensor,
+    seen_present: Tensor,
+    text_embeddings: Tensor,
+    global_cls: Tensor,
+    tau_f: float,
+    tau_c: float,
 ) -> Tensor:
     """Eq. 6, averaged over images with a seen class: ``KL(softmax(cos(F_l^s, C_g)/τ_f) ‖ softmax(cos(A_s, C_g)/τ_c))``
     over each image's seen classes present.
@@ -219,7 +227,9 @@ class ChimeraSeg(ZSSMethod):
         is_latent = present & (region_labels >= num_seen)
         latent = latent_class_embeddings(prototypes, region_labels, is_latent, num_seen) if bool(is_latent.any()) else None
         scale = self.logit_scale
-        logits, target = seen_and_latent_logits(features, self.train_text_embeddings, pseudo, num_seen, latent, scale, scale, self.ignore_index)
+        logits, target = seen_and_latent_logits(
+            features, self.train_text_embeddings, pseudo, num_seen, latent, scale, scale, self.ignore_index
+        )
         losses["focal"] = self.focal_weight * softmax_focal_loss(logits, target, self.ignore_index, self.focal_gamma)
         losses["ce"] = self.ce_weight * F.cross_entropy(logits, target, ignore_index=self.ignore_index)
         losses["loss"] = sum(losses.values())
