@@ -50,6 +50,8 @@ def compose_test_config(
         and o.split("=", 1)[0] not in explicit_keys
         # the scene-generator sizes exist only in the synthetic dataset
         and not (real_dataset and o.startswith(("dataset.train_dataset.", "dataset.val_dataset.", "dataset.test_dataset.")))
+        # the query stack has no dense decode head
+        and not ("method=query_baseline" in overrides and o.startswith("method.head."))
     ]
     cfg = compose_config(config_name, [*(tiny_overrides if tiny else ()), *overrides], tmp_path / "run", root_dir=tmp_path)
     with open_dict(cfg):

@@ -3,5 +3,6 @@ from zeroseg.methods.baseline import Baseline
 from zeroseg.methods.c2s import CLIPToSeg
 from zeroseg.methods.chimera import ChimeraSeg
 from zeroseg.methods.clip_zero_shot import CLIPZeroShot
+from zeroseg.methods.query_baseline import QueryBaseline
 
-__all__ = ["Baseline", "CLIPToSeg", "CLIPZeroShot", "CheckpointMismatchError", "ChimeraSeg", "ZSSMethod"]
+__all__ = ["Baseline", "CLIPToSeg", "CLIPZeroShot", "CheckpointMismatchError", "ChimeraSeg", "QueryBaseline", "ZSSMethod"]

@@ -1,0 +1,119 @@
+"""``method=query_baseline``: the query-based mask-classification stack with a text-embedding
+classifier, trained on the seen classes (inductive), evaluated over all classes.
+
+backbone → pixel decoder (``msdeform`` Mask2Former | ``fpn`` MaskFormer) → transformer decoder
+(``mask2former`` | ``maskformer``) → per query a mask and a class embedding classified against the
+training classes' text embeddings plus a learnable "no object" embedding → Hungarian matching and
+the set criterion over every decoder layer. Inference: :func:`~zeroseg.toolkit.matching.semantic_inference`
+against the text embeddings of all classes. This is the query-based counterpart of ``baseline``
+and Split Matching's Table 2 "Baseline"; Split Matching, DeOP and MAFT reuse its pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Optional
+
+from torch import Tensor, nn
+
+from zeroseg.methods.base import ZSSMethod
+from zeroseg.models.backbones import Backbone
+from zeroseg.models.pixel_decoders import FPNPixelDecoder, MSDeformPixelDecoder
+from zeroseg.models.query_decoders import Mask2FormerDecoder, MaskFormerDecoder, QueryHeads, QueryPrediction
+from zeroseg.toolkit.matching import HungarianMatcher, SetCriterion, semantic_inference, targets_from_labels
+
+__all__ = ["QueryBaseline", "QuerySegmenter"]
+
+
+class QuerySegmenter(nn.Module):
+    """The stack as one module: images' backbone maps → list of :class:`QueryPrediction` (one per
+    decoder prediction, the last is final).
+
+    Args:
+        backbone_channels / backbone_strides: the backbone's levels, finest first.
+        joint_dim: CLIP joint dimension (class embeddings).
+        pixel_decoder: ``msdeform`` | ``fpn``; decoder: ``mask2former`` | ``maskformer``.
+        class_head: ``text`` | ``objectness`` | ``none`` (class-agnostic proposal networks).
+        dim / mask_dim / num_queries / decoder_layers / heads / ffn_dim: decoder sizes.
+        encoder_layers / encoder_points / encoder_ffn_dim: the deformable encoder.
+        temperature: cosine temperature of the text classifier.
+    """
+
+    def __init__(
+        self,
+        backbone_channels: list[int],
+        backbone_strides: list[int],
+        joint_dim: int,
+        pixel_decoder: Literal["msdeform", "fpn"] = "msdeform",
+        decoder: Literal["mask2former", "maskformer"] = "mask2former",
+        class_head: Literal["text", "objectness", "none"] = "text",
+        dim: int = 256,
+        mask_dim: int = 256,
+        num_queries: int = 100,
+        decoder_layers: int = 9,
+        heads: int = 8,
+        ffn_dim: int = 2048,
+        encoder_layers: int = 6,
+        encoder_points: int = 4,
+        encoder_ffn_dim: int = 1024,
+        temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        if pixel_decoder == "msdeform":
+            self.pixel_decoder: nn.Module = MSDeformPixelDecoder(
+                backbone_channels, backbone_strides, dim, mask_dim, encoder_layers, heads, encoder_points, encoder_ffn_dim
+            )
+        elif pixel_decoder == "fpn":
+            self.pixel_decoder = FPNPixelDecoder(backbone_channels, backbone_strides, dim, mask_dim)
+        else:
+            raise ValueError(f"method.pixel_decoder={pixel_decoder!r} is not one of ['msdeform', 'fpn']")
+        query_heads = QueryHeads(dim, mask_dim, joint_dim, class_head, temperature)
+        if decoder == "mask2former":
+            self.decoder: nn.Module = Mask2FormerDecoder(query_heads, dim, dim, heads, decoder_layers, ffn_dim, num_queries)
+        elif decoder == "maskformer":
+            self.decoder = MaskFormerDecoder(query_heads, dim, dim, heads, decoder_layers, ffn_dim, num_queries)
+        else:
+            raise ValueError(f"method.decoder={decoder!r} is not one of ['mask2former', 'maskformer']")
+
+    def forward(self, features: list[Tensor], class_embeddings: Optional[Tensor] = None) -> list[QueryPrediction]:
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return self.decoder(multi_scale, mask_features, class_embeddings)
+
+
+class QueryBaseline(ZSSMethod):
+    """Query-based seen-only baseline (Mask2Former with a CLIP text classifier).
+
+    Args:
+        backbone: any :class:`~zeroseg.models.backbones.Backbone` with at least two levels.
+        segmenter: keyword arguments of :class:`QuerySegmenter` (sizes, decoder choices).
+        matcher: keyword arguments of :class:`~zeroseg.toolkit.matching.HungarianMatcher`.
+        criterion: keyword arguments of :class:`~zeroseg.toolkit.matching.SetCriterion`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        segmenter: Optional[Mapping[str, Any]] = None,
+        matcher: Optional[Mapping[str, Any]] = None,
+        criterion: Optional[Mapping[str, Any]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        options = dict(segmenter or {})
+        if options.get("class_head", "text") != "text":
+            raise ValueError("method=query_baseline classifies by text embeddings: segmenter.class_head must be 'text'")
+        self.segmenter = QuerySegmenter(list(backbone.channels), list(backbone.strides), self.teacher.embed_dim, **options)
+        self.criterion = SetCriterion(HungarianMatcher(**dict(matcher or {})), **dict(criterion or {}))
+
+    def predictions(self, images: Tensor, class_embeddings: Tensor) -> list[QueryPrediction]:
+        """Every decoder prediction for ``images`` against ``class_embeddings`` (per-query masks and
+        class scores, for methods that re-score proposals)."""
+        return self.segmenter(self.backbone(images), class_embeddings)
+
+    def predict_logits(self, images: Tensor, class_embeddings: Tensor) -> Tensor:
+        final = self.predictions(images, class_embeddings)[-1]
+        return semantic_inference(final.class_logits, final.mask_logits)
+
+    def training_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        targets = targets_from_labels(batch["label"], self.ignore_index)
+        return self.criterion(self.predictions(batch["image"], self.train_text_embeddings), targets)

@@ -1,0 +1,270 @@
+"""Set prediction machinery of the query-based stack: point sampling, the Hungarian matcher, the set
+criterion and semantic inference (Mask2Former, Cheng et al. 2022, Sec. 3.3 and 4; MaskFormer
+Sec. 3.2–3.4).
+
+* :class:`HungarianMatcher`: cost = w_cls·(−p(class)) + w_mask·BCE + w_dice·dice, mask costs on
+  one shared set of uniformly sampled points (12,544), computed for the whole batch at once on
+  the device (targets padded); one ``scipy.optimize.linear_sum_assignment`` per image (or per
+  group of an image: Split Matching pairs seen queries with seen targets and candidate queries
+  with candidate targets). A non-finite cost stops with :class:`NonFiniteCostError` naming the
+  image and the term.
+* :class:`SetCriterion`: CE over K+1 classes with the no-object class down-weighted (0.1); mask BCE
+  and dice on importance-sampled points (oversample 3, importance 0.75: the most uncertain
+  points plus uniform ones); weights 2 / 5 / 5; summed over every decoder layer.
+* :func:`semantic_inference`: ``Σ_q softmax(class)_q[:K] · sigmoid(mask)_q`` per pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+__all__ = [
+    "HungarianMatcher",
+    "NonFiniteCostError",
+    "SetCriterion",
+    "Targets",
+    "point_sample",
+    "semantic_inference",
+    "targets_from_labels",
+    "uncertain_point_coords",
+]
+
+
+class NonFiniteCostError(FloatingPointError):
+    """The matching cost of an image has NaN/inf entries (usually diverged predictions)."""
+
+
+@dataclass
+class Targets:
+    """Per-image ground-truth segments: ``classes[b] (T_b,)`` and ``masks[b] (T_b, H, W)`` (float 0/1);
+    ``groups[b] (T_b,)`` optional group ids for grouped matching."""
+
+    classes: list[Tensor]
+    masks: list[Tensor]
+    groups: Optional[list[Tensor]] = None
+
+
+def targets_from_labels(labels: Tensor, ignore_index: int = 255) -> Targets:
+    """One segment per class present in each label map ``(B, H, W)`` (ignore pixels belong to none)."""
+    classes, masks = [], []
+    for label in labels:
+        present = torch.unique(label)
+        present = present[present != ignore_index]
+        classes.append(present)
+        masks.append((label.unsqueeze(0) == present.view(-1, 1, 1)).float())
+    return Targets(classes, masks)
+
+
+def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
+    """Bilinear values of ``inputs (N, C, H, W)`` at ``coords (N, P, 2)`` in [0, 1] (x, y) → ``(N, C, P)``.
+
+    Border padding: a point within half a pixel of the edge takes the edge value (detectron2's
+    ``point_sample`` pads with zeros there, which dilutes masks that touch the image border).
+    """
+    grid = 2.0 * coords.unsqueeze(2) - 1.0
+    return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(3)
+
+
+def uncertain_point_coords(mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> Tensor:
+    """Mask2Former's training points ``(N, P, 2)``: of ``oversample_ratio·P`` uniform candidates keep
+    the ``importance_ratio·P`` most uncertain (|logit| smallest), fill the rest uniformly."""
+    count = mask_logits.shape[0]
+    candidates = torch.rand(count, int(num_points * oversample_ratio), 2, device=mask_logits.device)
+    uncertainty = -point_sample(mask_logits.unsqueeze(1), candidates).squeeze(1).abs()
+    important = int(importance_ratio * num_points)
+    index = uncertainty.topk(important, dim=1).indices
+    coords = torch.gather(candidates, 1, index.unsqueeze(-1).expand(-1, -1, 2))
+    if num_points > important:
+        coords = torch.cat([coords, torch.rand(count, num_points - important, 2, device=mask_logits.device)], dim=1)
+    return coords
+
+
+def _bce_cost(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean BCE over points of every (prediction, target) pair: ``(..., Q, P), (..., T, P) → (..., Q, T)``."""
+    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (positive @ targets.transpose(-1, -2) + negative @ (1 - targets).transpose(-1, -2)) / logits.shape[-1]
+
+
+def _dice_cost(logits: Tensor, targets: Tensor) -> Tensor:
+    probs = logits.sigmoid()
+    numerator = 2 * probs @ targets.transpose(-1, -2)
+    denominator = probs.sum(-1).unsqueeze(-1) + targets.sum(-1).unsqueeze(-2)
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+class HungarianMatcher(nn.Module):
+    """Bipartite matching of queries to target segments.
+
+    Args:
+        cost_class / cost_mask / cost_dice: weights of the three terms (2 / 5 / 5, Mask2Former).
+        num_points: uniformly sampled points shared by predictions and targets (12,544).
+    """
+
+    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544) -> None:
+        super().__init__()
+        self.cost_class, self.cost_mask, self.cost_dice, self.num_points = cost_class, cost_mask, cost_dice, num_points
+
+    @torch.no_grad()
+    def cost_terms(self, class_logits: Optional[Tensor], mask_logits: Tensor, targets: Targets) -> dict[str, Tensor]:
+        """Unweighted cost terms ``(B, Q, T_max)`` for the batch (padded target columns are 0)."""
+        batch, queries = mask_logits.shape[:2]
+        t_max = max(max((len(c) for c in targets.classes), default=0), 1)
+        padded = mask_logits.new_zeros(batch, t_max, *targets.masks[0].shape[-2:]) if targets.masks else None
+        labels = torch.zeros(batch, t_max, dtype=torch.long, device=mask_logits.device)
+        for b, (classes, masks) in enumerate(zip(targets.classes, targets.masks)):
+            padded[b, : len(classes)] = masks.to(padded.dtype)
+            labels[b, : len(classes)] = classes
+        coords = torch.rand(1, self.num_points, 2, device=mask_logits.device).expand(batch, -1, -1)
+        predicted = point_sample(mask_logits.float(), coords)  # (B, Q, P)
+        wanted = point_sample(padded.float(), coords)  # (B, T, P)
+        terms = {"mask": _bce_cost(predicted, wanted), "dice": _dice_cost(predicted, wanted)}
+        if class_logits is not None:
+            probs = class_logits.float().softmax(-1)
+            terms["class"] = -torch.gather(probs, 2, labels.unsqueeze(1).expand(-1, queries, -1))
+        return terms
+
+    @torch.no_grad()
+    def forward(
+        self, class_logits: Optional[Tensor], mask_logits: Tensor, targets: Targets, query_groups: Optional[Tensor] = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per image ``(query indices, target indices)`` of the optimal assignment.
+
+        ``query_groups (Q,)`` with ``targets.groups`` restricts matching to pairs of the same group.
+        """
+        terms = self.cost_terms(class_logits, mask_logits, targets)
+        weights = {"class": self.cost_class, "mask": self.cost_mask, "dice": self.cost_dice}
+        total = sum(weights[k] * v for k, v in terms.items())
+        matches = []
+        for b, classes in enumerate(targets.classes):
+            count = len(classes)
+            for name, term in terms.items():
+                if not bool(torch.isfinite(term[b, :, :count]).all()):
+                    bad = int((~torch.isfinite(term[b, :, :count])).sum())
+                    raise NonFiniteCostError(
+                        f"matcher: image {b} of the batch has {bad} non-finite values in the '{name}' cost "
+                        "(predictions diverged: check the learning rate, mixed precision and the input)"
+                    )
+            cost = total[b, :, :count].cpu().numpy()
+            matches.append(
+                self._assign(cost, query_groups, None if targets.groups is None else targets.groups[b], mask_logits.device)
+            )
+        return matches
+
+    @staticmethod
+    def _assign(
+        cost: np.ndarray, query_groups: Optional[Tensor], target_groups: Optional[Tensor], device
+    ) -> tuple[Tensor, Tensor]:
+        if query_groups is None or target_groups is None:
+            rows, cols = linear_sum_assignment(cost)
+        else:
+            q_groups, t_groups = query_groups.cpu().numpy(), target_groups.cpu().numpy()
+            rows_list, cols_list = [], []
+            for group in np.unique(t_groups):
+                q_index, t_index = np.flatnonzero(q_groups == group), np.flatnonzero(t_groups == group)
+                r, c = linear_sum_assignment(cost[np.ix_(q_index, t_index)])
+                rows_list.append(q_index[r])
+                cols_list.append(t_index[c])
+            rows = np.concatenate(rows_list) if rows_list else np.zeros(0, dtype=np.int64)
+            cols = np.concatenate(cols_list) if cols_list else np.zeros(0, dtype=np.int64)
+            order = np.argsort(rows)
+            rows, cols = rows[order], cols[order]
+        return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)
+
+
+def _mask_losses(logits: Tensor, targets: Tensor, num_masks: float) -> tuple[Tensor, Tensor]:
+    """BCE (mean over points) and dice of matched point logits ``(N, P)``, summed over masks / num_masks."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() / num_masks
+    probs = logits.sigmoid()
+    dice = 1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
+    return bce, dice.sum() / num_masks
+
+
+class SetCriterion(nn.Module):
+    """Mask2Former's loss for one or more decoder predictions.
+
+    Args:
+        num_classes: K (the no-object class is K; for ``objectness`` heads K = 1).
+        matcher: the :class:`HungarianMatcher`.
+        class_weight / mask_weight / dice_weight: 2 / 5 / 5.
+        no_object_weight: CE weight of the no-object class (0.1).
+        num_points / oversample_ratio / importance_ratio: training points (12,544 / 3 / 0.75).
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        no_object_weight: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_ratio: float = 0.75,
+    ) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.class_weight, self.mask_weight, self.dice_weight = class_weight, mask_weight, dice_weight
+        self.no_object_weight = no_object_weight
+        self.num_points, self.oversample_ratio, self.importance_ratio = num_points, oversample_ratio, importance_ratio
+
+    def num_masks(self, targets: Targets, device) -> float:
+        """Target segments per process, averaged over DDP ranks (at least 1)."""
+        count = torch.tensor(float(sum(len(c) for c in targets.classes)), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return max(float(count), 1.0)
+
+    def layer_losses(
+        self, class_logits: Optional[Tensor], mask_logits: Tensor, targets: Targets, matches, num_masks: float
+    ) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if class_logits is not None:
+            num_classes = class_logits.shape[-1] - 1
+            target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=class_logits.device)
+            for b, (rows, cols) in enumerate(matches):
+                target_classes[b, rows] = targets.classes[b][cols]
+            weight = torch.ones(num_classes + 1, device=class_logits.device)
+            weight[-1] = self.no_object_weight
+            losses["class"] = self.class_weight * F.cross_entropy(class_logits.float().transpose(1, 2), target_classes, weight)
+        predicted = torch.cat([mask_logits[b, rows] for b, (rows, _) in enumerate(matches)])
+        wanted = torch.cat([targets.masks[b][cols] for b, (_, cols) in enumerate(matches)]).to(predicted.dtype)
+        if len(predicted) == 0:
+            zero = mask_logits.sum() * 0.0
+            losses["mask"], losses["dice"] = zero, zero
+            return losses
+        with torch.no_grad():
+            coords = uncertain_point_coords(predicted.float(), self.num_points, self.oversample_ratio, self.importance_ratio)
+            point_targets = point_sample(wanted.unsqueeze(1).float(), coords).squeeze(1)
+        point_logits = point_sample(predicted.unsqueeze(1).float(), coords).squeeze(1)
+        bce, dice = _mask_losses(point_logits, point_targets, num_masks)
+        losses["mask"], losses["dice"] = self.mask_weight * bce, self.dice_weight * dice
+        return losses
+
+    def forward(self, predictions: Sequence, targets: Targets, query_groups: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Loss terms of every prediction (deep supervision): ``{"class", "mask", "dice"}`` summed
+        over layers, plus ``"loss"`` (their sum). ``predictions`` are :class:`QueryPrediction`-like."""
+        num_masks = self.num_masks(targets, predictions[-1].mask_logits.device)
+        totals: dict[str, Tensor] = {}
+        for prediction in predictions:
+            matches = self.matcher(prediction.class_logits, prediction.mask_logits, targets, query_groups)
+            for name, value in self.layer_losses(
+                prediction.class_logits, prediction.mask_logits, targets, matches, num_masks
+            ).items():
+                totals[name] = totals.get(name, 0.0) + value
+        totals["loss"] = sum(totals.values())
+        return totals
+
+
+def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Per-pixel class scores ``(B, K, H, W) = Σ_q softmax(class)_q[:K] · sigmoid(mask)_q`` (no object dropped)."""
+    return torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
