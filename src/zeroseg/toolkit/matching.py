@@ -88,10 +88,11 @@ def uncertain_point_coords(mask_logits: Tensor, num_points: int, oversample_rati
 
 
 def _bce_cost(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean BCE over points of every (prediction, target) pair: ``(..., Q, P), (..., T, P) → (..., Q, T)``."""
-    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (positive @ targets.transpose(-1, -2) + negative @ (1 - targets).transpose(-1, -2)) / logits.shape[-1]
+    """Mean BCE over points of every (prediction, target) pair: ``(..., Q, P), (..., T, P) → (..., Q, T)``.
+
+    ``BCE(x, t) = softplus(x) − x·t``, so the pair matrix is one row sum and one matmul.
+    """
+    return (F.softplus(logits).sum(-1, keepdim=True) - logits @ targets.transpose(-1, -2)) / logits.shape[-1]
 
 
 def _dice_cost(logits: Tensor, targets: Tensor) -> Tensor:
@@ -118,14 +119,16 @@ class HungarianMatcher(nn.Module):
         """Unweighted cost terms ``(B, Q, T_max)`` for the batch (padded target columns are 0)."""
         batch, queries = mask_logits.shape[:2]
         t_max = max(max((len(c) for c in targets.classes), default=0), 1)
-        padded = mask_logits.new_zeros(batch, t_max, *targets.masks[0].shape[-2:]) if targets.masks else None
+        coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
+        predicted = point_sample(mask_logits.float(), coords.expand(batch, -1, -1))  # (B, Q, P)
+        # targets are sampled image by image (they differ in count) and padded at point level:
+        # padding full-resolution masks would copy B·T·H·W values
+        wanted = predicted.new_zeros(batch, t_max, self.num_points)
         labels = torch.zeros(batch, t_max, dtype=torch.long, device=mask_logits.device)
         for b, (classes, masks) in enumerate(zip(targets.classes, targets.masks)):
-            padded[b, : len(classes)] = masks.to(padded.dtype)
-            labels[b, : len(classes)] = classes
-        coords = torch.rand(1, self.num_points, 2, device=mask_logits.device).expand(batch, -1, -1)
-        predicted = point_sample(mask_logits.float(), coords)  # (B, Q, P)
-        wanted = point_sample(padded.float(), coords)  # (B, T, P)
+            if len(classes):
+                wanted[b, : len(classes)] = point_sample(masks.unsqueeze(0).float(), coords)[0]
+                labels[b, : len(classes)] = classes
         terms = {"mask": _bce_cost(predicted, wanted), "dice": _dice_cost(predicted, wanted)}
         if class_logits is not None:
             probs = class_logits.float().softmax(-1)
