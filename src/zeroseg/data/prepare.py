@@ -222,13 +222,9 @@ def plan_voc(raw: Path, out: Path) -> Plan:
         for i in sorted(set(train) | set(val) | set(aug))
     ]
     jobs += [
-        FileJob(
-            "label_png",
-            voc / "SegmentationClass" / f"{i}.png",
-            root / "SegmentationClass" / f"{i}.png",
-            "train" if i in set(train) else "val",
-        )
-        for i in train + val
+        FileJob("label_png", voc / "SegmentationClass" / f"{i}.png", root / "SegmentationClass" / f"{i}.png", split)
+        for split, ids in (("train", train), ("val", val))
+        for i in ids
     ]
     jobs += [FileJob("sbd_mat", sbd / "cls" / f"{i}.mat", root / "SegmentationClassAug" / f"{i}.png", "train") for i in aug]
     lists = {root / "ImageSets/Segmentation" / f"{n}.txt": ids for n, ids in (("train", train), ("val", val), ("aug", aug))}

@@ -133,10 +133,23 @@ class _FFNLayer(nn.Module):
 
 class _QueryDecoderBase(nn.Module):
     def __init__(
-        self, dim: int, num_queries: int, in_channels: int, heads_module: QueryHeads, query_features: bool = True
+        self,
+        dim: int,
+        num_queries: int,
+        in_channels: int,
+        heads_module: QueryHeads,
+        heads: int,
+        layers: int,
+        ffn_dim: int,
+        dropout: float,
+        query_features: bool = True,
     ) -> None:
         super().__init__()
         self.dim, self.num_queries = dim, num_queries
+        # per layer: cross-attention, self-attention, FFN (each decoder orders them its own way)
+        self.cross = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
+        self.self_attn = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
+        self.ffn = nn.ModuleList(_FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
         # Mask2Former learns the initial query features; DETR/MaskFormer start from zeros
         self.query_feat = nn.Embedding(num_queries, dim) if query_features else None
         self.query_pos = nn.Embedding(num_queries, dim)
@@ -180,12 +193,9 @@ class Mask2FormerDecoder(_QueryDecoderBase):
         num_levels: int = 3,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(dim, num_queries, in_channels, heads_module)
+        super().__init__(dim, num_queries, in_channels, heads_module, heads, layers, ffn_dim, dropout)
         self.attention_heads, self.num_levels = heads, num_levels
         self.level_embed = nn.Embedding(num_levels, dim)
-        self.cross = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.self_attn = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.ffn = nn.ModuleList(_FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
 
     def forward(
         self, multi_scale: Sequence[Tensor], mask_features: Tensor, class_embeddings: Optional[Tensor] = None
@@ -224,10 +234,7 @@ class MaskFormerDecoder(_QueryDecoderBase):
         num_queries: int = 100,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(dim, num_queries, in_channels, heads_module, query_features=False)
-        self.self_attn = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.cross = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.ffn = nn.ModuleList(_FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
+        super().__init__(dim, num_queries, in_channels, heads_module, heads, layers, ffn_dim, dropout, query_features=False)
 
     def forward(
         self, multi_scale: Sequence[Tensor], mask_features: Tensor, class_embeddings: Optional[Tensor] = None

@@ -146,20 +146,23 @@ class HungarianMatcher(nn.Module):
         terms = self.cost_terms(class_logits, mask_logits, targets)
         weights = {"class": self.cost_class, "mask": self.cost_mask, "dice": self.cost_dice}
         total = sum(weights[k] * v for k, v in terms.items())
-        matches = []
-        for b, classes in enumerate(targets.classes):
-            count = len(classes)
+        counts = torch.tensor([len(c) for c in targets.classes], device=total.device)
+        real = torch.arange(total.shape[-1], device=total.device) < counts.view(-1, 1, 1)  # (B, 1, T): not padding
+        # one device sync for the whole batch; only a failure looks for the image and term
+        if not bool(torch.isfinite(total).logical_or(~real).all()):
             for name, term in terms.items():
-                if not bool(torch.isfinite(term[b, :, :count]).all()):
-                    bad = int((~torch.isfinite(term[b, :, :count])).sum())
+                bad = (~torch.isfinite(term) & real).flatten(1).sum(1)
+                if bool(bad.any()):
+                    b = int(torch.nonzero(bad)[0])
                     raise NonFiniteCostError(
-                        f"matcher: image {b} of the batch has {bad} non-finite values in the '{name}' cost "
+                        f"matcher: image {b} of the batch has {int(bad[b])} non-finite values in the '{name}' cost "
                         "(predictions diverged: check the learning rate, mixed precision and the input)"
                     )
-            cost = total[b, :, :count].cpu().numpy()
-            matches.append(
-                self._assign(cost, query_groups, None if targets.groups is None else targets.groups[b], mask_logits.device)
-            )
+        total = total.cpu().numpy()  # one transfer; the assignments run on the CPU
+        matches = []
+        for b, classes in enumerate(targets.classes):
+            groups = None if targets.groups is None else targets.groups[b]
+            matches.append(self._assign(total[b, :, : len(classes)], query_groups, groups, mask_logits.device))
         return matches
 
     @staticmethod
