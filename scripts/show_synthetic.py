@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from zeroseg.data.synthetic import SceneConfig, parse_concept, render_concept, render_scene
+from zeroseg.toy.scenes import SceneConfig, parse_concept, render_concept, render_scene
 
 PALETTE = (np.random.default_rng(7).random((256, 3)) * 200 + 40).astype(np.uint8)
 

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from zeroseg.clip.teacher import CLIPTeacher
-from zeroseg.clip.toy import ToyPretrainingConfig, evaluate_toy_clip, save_toy_clip, toy_model_cfg, train_toy_clip
+from zeroseg.toy.clip import ToyPretrainingConfig, evaluate_toy_clip, save_toy_clip, toy_model_cfg, train_toy_clip
 
 DEFAULT_OUT = Path(str(files("zeroseg") / "assets" / "toy_clip.safetensors"))
 

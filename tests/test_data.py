@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from zeroseg.data import ClassSplit, ResumableTrainSampler, ShardedEvalSampler, SyntheticScenes, ZSSDataModule
-from zeroseg.data.synthetic import COLOURS, SceneConfig, check_compositional_unseen, parse_concept, render_scene
+from zeroseg.data import ClassSplit, ResumableTrainSampler, ShardedEvalSampler, ZSSDataModule
+from zeroseg.toy import SyntheticScenes
+from zeroseg.toy.scenes import COLOURS, SceneConfig, check_compositional_unseen, parse_concept, render_scene
 
 NAMES = ["red stripes", "red dots", "orange dots", "orange checks", "yellow checks", "yellow noise", "green noise", "green rings"]
 UNSEEN = ["red dots", "yellow noise"]

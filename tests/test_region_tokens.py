@@ -148,7 +148,7 @@ def test_attention_encoder_equals_a_plain_masked_attention_per_region(tiny_teach
 
 def test_attention_encoder_needs_a_cls_pooled_teacher() -> None:
     from zeroseg.clip import CLIPTeacher
-    from zeroseg.clip.toy import toy_model_cfg
+    from zeroseg.toy.clip import toy_model_cfg
 
     images, labels = make_batch()
     mean_pooled = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg())

@@ -10,13 +10,14 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from zeroseg.benchmark import COLUMNS, registered_methods
-from zeroseg.benchmark import main as benchmark_main
 from zeroseg.clip import CLIPTeacher
-from zeroseg.clip.toy import evaluate_toy_clip, toy_model_cfg
 from zeroseg.data import ClassSplit
 from zeroseg.eval import evaluate
+from zeroseg.toy.benchmark import COLUMNS, benchmark_rows, load_benchmark_config, registered_methods
+from zeroseg.toy.benchmark import main as benchmark_main
+from zeroseg.toy.clip import evaluate_toy_clip, toy_model_cfg
 from zeroseg.utils import compose_config
 
 from conftest import TINY_OVERRIDES, repo_root, subprocess_env
@@ -119,7 +120,7 @@ def test_registered_methods_are_discovered() -> None:
 def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path) -> None:
     # shared by every method, so nothing method-specific
     tiny = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps", "method.", "method="))]
-    overrides = "[" + ",".join([*tiny, "clip=toy", "trainer.max_steps=2", "trainer.val_check_interval=2"]) + "]"
+    overrides = "[" + ",".join([*tiny, "clip=toy"]) + "]"
     results = benchmark_main(
         [
             "toy",
@@ -128,13 +129,19 @@ def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path)
             "oracle=true",
             f"root_dir={tmp_path}",
             f"overrides={overrides}",
+            # not benchmark keys: overrides of every run (the benchmark's own config says 300 steps)
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
         ]
     )
-    markdown = (tmp_path / "results" / "toy_benchmark.md").read_text()
-    data = json.loads((tmp_path / "results" / "toy_benchmark.json").read_text())
+    run_dir = Path(results["run_dir"])
+    assert run_dir.parent == tmp_path / "logs" / "benchmark" / "toy"
+    assert not (tmp_path / "results").exists()  # no output_dir: the tables stay in the run directory
+    markdown = (run_dir / "toy_benchmark.md").read_text()
+    data = json.loads((run_dir / "toy_benchmark.json").read_text())
     assert data == json.loads(json.dumps(results))
     header = next(line for line in markdown.splitlines() if line.startswith("| method"))
-    assert header == "| method | trained | " + " | ".join(COLUMNS) + " | time per run (s) |"
+    assert header == "| method | trained | teacher | " + " | ".join(COLUMNS) + " | time per run (s) |"
     rows = {row["row"]: row for row in data["rows"]}
     assert set(rows) == {"baseline", "clip_zero_shot", "oracle (baseline, all labels)"}
     assert len(rows["baseline"]["runs"]) == 2 and len(rows["clip_zero_shot"]["runs"]) == 1
@@ -142,3 +149,23 @@ def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path)
         for column in COLUMNS:
             assert set(row[column]) == {"mean", "std"}
         assert row["seconds"] > 0
+        assert row["teacher"] == "toy_clip"
+    trained_configs = sorted(run_dir.glob("*/seed*/config.yaml"))
+    assert len(trained_configs) == 5  # 2 baseline + 2 oracle + 1 clip_zero_shot
+    for path in trained_configs:
+        assert OmegaConf.load(path).trainer.max_steps == 2, path
+    metrics = [json.loads(p.read_text()) for p in run_dir.glob("baseline/seed*/metrics.json")]
+    assert len(metrics) == 2
+
+
+def test_benchmark_arguments_are_split_between_the_benchmark_and_every_run(tmp_path: Path) -> None:
+    bench = load_benchmark_config("toy", ["seeds=[4]", "output_dir=/x", "trainer.max_steps=5", "backbone=resnet10t", "+foo=1"])
+    assert list(bench.seeds) == [4] and bench.output_dir == "/x"
+    assert list(bench.run_overrides) == ["trainer.max_steps=5", "backbone=resnet10t", "+foo=1"]
+    assert "trainer" not in bench
+    with pytest.raises(ValueError, match="seed is chosen per run.*seeds="):
+        load_benchmark_config("toy", ["seed=3"])
+    with pytest.raises(ValueError, match="method is chosen per run.*methods="):
+        load_benchmark_config("toy", ["method=c2s"])
+    with pytest.raises(ValueError, match=r"benchmark.methods names \['nope'\]"):
+        benchmark_rows(load_benchmark_config("toy", ["methods=[nope]"]))

@@ -39,7 +39,7 @@ from zeroseg.utils.weights import read_weight_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIPTeacher", "interpolate_position_embedding"]
+__all__ = ["CLIPTeacher", "dense_zero_shot_logits", "interpolate_position_embedding"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -285,3 +285,10 @@ class CLIPTeacher(nn.Module):
         dense = tokens @ visual.proj
         dense = dense.transpose(1, 2).reshape(x.shape[0], -1, *grid)
         return cls_embedding, dense
+
+
+def dense_zero_shot_logits(teacher: "CLIPTeacher", images: Tensor, class_embeddings: Tensor) -> Tensor:
+    """Cosine similarity ``(B, C, h, w)`` of every teacher patch token with every class embedding."""
+    _, dense = teacher.encode_image(images)
+    dense = F.normalize(dense, dim=1)
+    return (dense.permute(0, 2, 3, 1) @ F.normalize(class_embeddings, dim=-1).to(dense.dtype).t()).permute(0, 3, 1, 2)

@@ -11,7 +11,6 @@ from zeroseg.data.folders import (
 )
 from zeroseg.data.samplers import ResumableDataLoader, ResumableTrainSampler, ShardedEvalSampler
 from zeroseg.data.splits import SETTINGS, ClassSplit
-from zeroseg.data.synthetic import SyntheticScenes
 from zeroseg.data.transforms import EvalTransform, PhotoMetricDistortion, TrainTransform
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "SETTINGS",
     "SegmentationFolder",
     "ShardedEvalSampler",
-    "SyntheticScenes",
     "EvalTransform",
     "TrainTransform",
     "TrainingLabels",

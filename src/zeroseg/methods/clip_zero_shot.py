@@ -12,19 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch.nn.functional as F
 from torch import Tensor
 
+from zeroseg.clip.teacher import dense_zero_shot_logits
 from zeroseg.methods.base import ZSSMethod
 
-__all__ = ["CLIPZeroShot", "dense_zero_shot_logits"]
-
-
-def dense_zero_shot_logits(teacher, images: Tensor, class_embeddings: Tensor) -> Tensor:
-    """Cosine similarity ``(B, C, h, w)`` of every teacher patch token with every class embedding."""
-    _, dense = teacher.encode_image(images)
-    dense = F.normalize(dense, dim=1)
-    return (dense.permute(0, 2, 3, 1) @ F.normalize(class_embeddings, dim=-1).to(dense.dtype).t()).permute(0, 3, 1, 2)
+__all__ = ["CLIPZeroShot"]
 
 
 class CLIPZeroShot(ZSSMethod):

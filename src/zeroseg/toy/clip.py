@@ -45,10 +45,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from zeroseg.data.synthetic import SceneConfig, parse_concept, random_shape_mask, render_concept, render_scene
-from zeroseg.methods.clip_zero_shot import dense_zero_shot_logits
+from zeroseg.clip.teacher import dense_zero_shot_logits
 from zeroseg.metrics import HarmonicIoU
 from zeroseg.toolkit.kmeans import batched_kmeans, sample_initial_centroids
+from zeroseg.toy.scenes import SceneConfig, parse_concept, random_shape_mask, render_concept, render_scene
 
 log = logging.getLogger(__name__)
 

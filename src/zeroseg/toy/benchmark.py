@@ -1,0 +1,290 @@
+"""``python -m zeroseg.benchmark toy [key=value ...]``: score every method under one budget.
+
+The benchmark named ``<name>`` is described by ``conf/benchmark/<name>.yaml``: the seeds, the
+methods (``all`` = every option of ``conf/method``, so a new method joins automatically), the
+overrides every run shares (dataset, teacher, backbone, steps), a method's own toy-world
+overrides (``method_overrides``), extra rows (``extra_rows``: a method under other options) and
+the reference rows. Each (row, seed) is one ordinary training run (``zeroseg.train.train``);
+training-free methods are only evaluated.
+
+Command-line arguments are split by key: the benchmark's own keys (``seeds``, ``methods``,
+``oracle``, ``output_dir``, ...) set the benchmark; every other ``key=value`` (``trainer.max_steps=5``,
+``backbone=resnet10t``, ``+foo=1``) is appended to the overrides of **every** run, after the
+benchmark's and the method's own, so it wins. ``seed=`` and ``method=`` are refused: they are
+chosen per run (use ``seeds=[..]`` and ``methods=[..]``).
+
+Each invocation gets its own run directory ``<log_dir>/benchmark/<name>/<timestamp>/`` holding
+the runs (``<row>/seed<k>``) and, unless ``output_dir=`` is given, the tables
+``<name>_benchmark.md`` and ``.json``: a smoke run never overwrites ``results/``. The published
+tables are written with ``output_dir=results``. Progress (row, seed, run k of n, elapsed time) is
+logged before and after every run.
+
+Reference rows bound the problem: ``clip_zero_shot`` (the teacher's own dense prediction, no
+training) from below, and ``oracle`` (the first trainable method trained with
+``dataset.setting=supervised``, i.e. with unseen labels too) from above. Every row names the
+teacher its runs used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from zeroseg.eval import evaluate
+from zeroseg.train import train
+from zeroseg.utils import compose_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchmarkRow", "registered_methods", "split_arguments", "run_benchmark", "format_markdown", "main"]
+
+COLUMNS = ("sIoU", "uIoU", "hIoU", "mIoU")
+CONF = files("zeroseg") / "conf"
+# per-run keys the benchmark sets itself
+RESERVED_RUN_KEYS = {"seed": "seeds=[...]", "method": "methods=[...]"}
+
+
+def registered_methods() -> dict[str, bool]:
+    """``{method option: trainable}`` for every YAML in ``conf/method``."""
+    methods = {}
+    for entry in sorted(CONF.joinpath("method").iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        target = OmegaConf.create(entry.read_text())["_target_"]
+        module_name, class_name = target.rsplit(".", 1)
+        methods[entry.name[: -len(".yaml")]] = bool(getattr(importlib.import_module(module_name), class_name).trainable)
+    return methods
+
+
+@dataclass
+class BenchmarkRow:
+    """One table row: ``method`` run under ``overrides`` (after the shared ones) for every seed."""
+
+    name: str
+    method: str
+    trainable: bool
+    overrides: list[str] = field(default_factory=list)
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def split_arguments(arguments: Sequence[str], benchmark_keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split command-line ``key=value`` arguments into (benchmark dotlist, run overrides)."""
+    bench, runs = [], []
+    for argument in arguments:
+        if "=" not in argument and not argument.startswith("~"):
+            raise ValueError(f"benchmark argument {argument!r} is not key=value")
+        key = _override_key(argument)
+        if key.split(".", 1)[0] in benchmark_keys and not argument.startswith(("+", "~")):
+            bench.append(argument)
+        elif key in RESERVED_RUN_KEYS:
+            raise ValueError(
+                f"benchmark argument {argument!r}: {key} is chosen per run by the benchmark; use {RESERVED_RUN_KEYS[key]}"
+            )
+        else:
+            runs.append(argument)
+    return bench, runs
+
+
+def _teacher_name(cfg: DictConfig) -> str:
+    pretrained = cfg.clip.get("pretrained")
+    if pretrained and Path(str(pretrained)).suffix:
+        return Path(str(pretrained)).stem
+    return f"{cfg.clip.arch}:{pretrained or 'random'}"
+
+
+def _run_one(bench: DictConfig, run_dir: Path, row: BenchmarkRow, seed: int) -> dict[str, Any]:
+    overrides = [f"method={row.method}", f"seed={seed}", *bench.overrides, *row.overrides, *bench.run_overrides]
+    started = time.perf_counter()
+    if row.trainable:
+        cfg = compose_config("train", overrides, run_dir, root_dir=bench.root_dir)
+        metrics, _ = train(cfg)
+    else:
+        eval_overrides = [o for o in overrides if not _override_key(o).startswith("callbacks")]  # eval.yaml has no callbacks
+        cfg = compose_config("eval", eval_overrides, run_dir, root_dir=bench.root_dir)
+        metrics, _ = evaluate(cfg)
+    seconds = time.perf_counter() - started
+    return {"seed": seed, "seconds": seconds, "teacher": _teacher_name(cfg), **{k: float(metrics[k]) for k in COLUMNS}}
+
+
+def _container(node: Any, empty: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else empty
+
+
+def benchmark_rows(bench: DictConfig) -> list[BenchmarkRow]:
+    """The rows of a benchmark config, in table order; unknown methods raise naming the key."""
+    available = registered_methods()
+    methods = list(available) if bench.methods == "all" else list(bench.methods)
+    method_overrides: dict[str, list[str]] = _container(bench.get("method_overrides"), {})
+    extra_rows: list[dict[str, Any]] = _container(bench.get("extra_rows"), [])
+    named = {"benchmark.methods": methods, "benchmark.method_overrides": list(method_overrides)}
+    named["benchmark.extra_rows"] = [r.get("method") for r in extra_rows]
+    for key, names in named.items():
+        unknown = [m for m in names if m not in available]
+        if unknown:
+            raise ValueError(f"{key} names {unknown}; registered methods are {sorted(available)}")
+    rows = [BenchmarkRow(m, m, available[m], list(method_overrides.get(m, []))) for m in methods]
+    for extra in extra_rows:
+        method = extra["method"]
+        if method not in methods:
+            continue
+        overrides = [*method_overrides.get(method, []), *extra.get("overrides", [])]
+        rows.append(BenchmarkRow(extra["row"], method, available[method], overrides))
+    if bench.oracle:
+        oracle_method = next((m for m in methods if available[m]), None)
+        if oracle_method is None:
+            raise ValueError("benchmark.oracle needs at least one trainable method in benchmark.methods")
+        overrides = [*method_overrides.get(oracle_method, []), "dataset.setting=supervised"]
+        rows.append(BenchmarkRow(f"oracle ({oracle_method}, all labels)", oracle_method, True, overrides))
+    return rows
+
+
+def _row_directory(row: BenchmarkRow) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in row.name).strip("_")
+
+
+def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run every row of the benchmark into ``run_dir``; returns the JSON-able results."""
+    rows = benchmark_rows(bench)
+    seeds = list(bench.seeds)
+    plan = [(row, seed) for row in rows for seed in (seeds if row.trainable else seeds[:1])]  # training-free rows do not vary
+    results: dict[str, Any] = {
+        "name": bench.name,
+        "seeds": seeds,
+        "overrides": [*bench.overrides, *bench.run_overrides],
+        "run_dir": str(run_dir),
+        "rows": [],
+    }
+    started = time.perf_counter()
+    runs_by_row: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
+    for index, (row, seed) in enumerate(plan, start=1):
+        progress = (bench.name, index, len(plan), row.name, seed)
+        log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
+        run = _run_one(bench, run_dir / _row_directory(row) / f"seed{seed}", row, seed)
+        runs_by_row[row.name].append(run)
+        log.info(
+            "benchmark %s: run %d/%d done — %s, seed %d: hIoU %.2f in %.0f s (elapsed %s)",
+            *progress, run["hIoU"], run["seconds"], _clock(started),
+        )  # fmt: skip
+    for row in rows:
+        runs = runs_by_row[row.name]
+        results["rows"].append(
+            {
+                "row": row.name,
+                "method": row.method,
+                "trained": row.trainable,
+                "teacher": ", ".join(sorted({r["teacher"] for r in runs})),
+                "overrides": row.overrides,
+                "runs": runs,
+                **{k: _summary([r[k] for r in runs]) for k in COLUMNS},
+                "seconds": statistics.fmean(r["seconds"] for r in runs),
+            }
+        )
+    results["total_seconds"] = time.perf_counter() - started
+    return results
+
+
+def _clock(started: float) -> str:
+    seconds = int(time.perf_counter() - started)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    lines = [
+        f"# {results['name']} benchmark",
+        "",
+        f"Seeds {seeds}; mean ± sample std over seeds (training-free rows: one run). Shared overrides: "
+        + " ".join(f"`{o}`" for o in results["overrides"])
+        + f". Total {results.get('total_seconds', 0) / 60:.1f} min.",
+        "",
+        "| method | trained | teacher | " + " | ".join(COLUMNS) + " | time per run (s) |",
+        "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
+    ]
+    for row in results["rows"]:
+        cells = [f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in COLUMNS]
+        lines.append(
+            f"| {row['row']} | {'yes' if row['trained'] else 'no'} | {row['teacher']} | "
+            + " | ".join(cells)
+            + f" | {row['seconds']:.0f} |"
+        )
+    overridden = [row for row in results["rows"] if row.get("overrides")]
+    if overridden:
+        lines += ["", "Row overrides (after the shared ones):", ""]
+        lines += [f"- {row['row']}: " + " ".join(f"`{o}`" for o in row["overrides"]) for row in overridden]
+    return "\n".join(lines) + "\n"
+
+
+def load_benchmark_config(name: str, arguments: Sequence[str]) -> DictConfig:
+    """``conf/benchmark/<name>.yaml`` with the benchmark-level arguments merged and the rest in ``run_overrides``."""
+    path = CONF / "benchmark" / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(e.name[:-5] for e in CONF.joinpath("benchmark").iterdir() if e.name.endswith(".yaml"))
+        raise ValueError(f"no benchmark named {name!r}; available: {options}")
+    base = OmegaConf.create(path.read_text())
+    bench_arguments, run_overrides = split_arguments(arguments, [*base.keys(), "output_dir", "name"])
+    bench = OmegaConf.merge(base, OmegaConf.from_dotlist(bench_arguments))
+    bench.name = name
+    bench.run_overrides = run_overrides
+    return bench
+
+
+def _new_run_directory(bench: DictConfig) -> Path:
+    parent = Path(bench.log_dir) / "benchmark" / bench.name
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for suffix in range(1000):  # two benchmarks started in the same second get two directories
+        candidate = parent / (stamp if suffix == 0 else f"{stamp}_{suffix}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {parent}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="benchmark name: conf/benchmark/<name>.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="benchmark keys (seeds=[0]) or overrides of every run (e.g. trainer.max_steps=5)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    bench = load_benchmark_config(args.name, args.overrides)
+    run_dir = _new_run_directory(bench)
+    log.info("benchmark %s: run directory %s; overrides of every run: %s", bench.name, run_dir, list(bench.run_overrides))
+    results = run_benchmark(bench, run_dir)
+    output_dir = Path(bench.output_dir) if bench.get("output_dir") else run_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    markdown = format_markdown(results)
+    (output_dir / f"{bench.name}_benchmark.md").write_text(markdown)
+    (output_dir / f"{bench.name}_benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown)
+    log.info("benchmark %s: tables written to %s", bench.name, output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()
