@@ -169,3 +169,15 @@ def test_benchmark_arguments_are_split_between_the_benchmark_and_every_run(tmp_p
         load_benchmark_config("toy", ["method=c2s"])
     with pytest.raises(ValueError, match=r"benchmark.methods names \['nope'\]"):
         benchmark_rows(load_benchmark_config("toy", ["methods=[nope]"]))
+
+
+def test_no_lower_layer_imports_a_method_or_the_training_entry_points() -> None:
+    # The toy CLIP's evaluation once imported methods.clip_zero_shot; the data layer instantiates the
+    # toy scenes. A fresh interpreter shows what each layer pulls in.
+    lower_layers = ["zeroseg.data", "zeroseg.clip", "zeroseg.toy", "zeroseg.toy.clip", "zeroseg.toolkit", "zeroseg.models"]
+    code = (
+        f"import importlib, sys\nfor name in {lower_layers!r}:\n    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('zeroseg.methods', 'zeroseg.train', 'zeroseg.eval'))))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), check=True)
+    assert output.stdout.strip() == "[]", output.stdout
