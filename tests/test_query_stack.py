@@ -53,11 +53,12 @@ def test_matcher_equals_brute_force(seed: int) -> None:
 
 
 def test_each_cost_term_by_hand() -> None:
-    # constant masks make every sampled point equal: the costs are closed forms
+    # constant masks make every sampled point equal (border padding: also within half a pixel of the
+    # edge): the costs are closed forms
     class_logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]])  # 2 queries, K=2 + no object
     mask_logits = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, 4, 4).contiguous()
     targets = Targets([torch.tensor([0, 1])], [torch.stack([torch.ones(4, 4), torch.zeros(4, 4)])])
-    terms = HungarianMatcher(num_points=16).cost_terms(class_logits, mask_logits, targets)
+    terms = HungarianMatcher(num_points=16, padding_mode="border").cost_terms(class_logits, mask_logits, targets)
     probs = class_logits[0].softmax(-1)
     torch.testing.assert_close(terms["class"][0], -probs[:, :2])
     x = torch.tensor([2.0, -1.0])
@@ -93,7 +94,8 @@ def test_criterion_by_hand_and_deep_supervision_sums_layers() -> None:
     class_logits = torch.tensor([[[1.0, 0.0, 0.5], [0.2, 0.3, 0.1]]])
     mask_logits = torch.tensor([1.5, -0.5]).view(1, 2, 1, 1).expand(1, 2, 4, 4).contiguous()
     targets = Targets([torch.tensor([1])], [torch.ones(1, 4, 4)])
-    criterion = SetCriterion(HungarianMatcher(num_points=16), num_points=16)
+    # constant masks and border padding: every sampled point has the same logit and target
+    criterion = SetCriterion(HungarianMatcher(num_points=16), num_points=16, padding_mode="border")
     matches = [(torch.tensor([0]), torch.tensor([0]))]  # query 0 <-> the target
     losses = criterion.layer_losses(class_logits, mask_logits, targets, matches, num_masks=1.0)
     log_probs = class_logits[0].log_softmax(-1)

@@ -37,9 +37,76 @@ from zeroseg.metrics import SUMMARY_KEYS, HarmonicIoU
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZSSMethod", "CheckpointMismatchError"]
+__all__ = [
+    "ZSSMethod",
+    "CheckpointMismatchError",
+    "WEIGHT_DECAY_EXEMPTIONS",
+    "check_weight_decay_exempt",
+    "weight_decay_exempt_parameters",
+]
 
 TEACHER_PREFIX = "teacher."
+
+# normalisation layers by type (Mask2Former's build_optimizer list; _NormBase covers BatchNorm1d/2d/3d,
+# SyncBatchNorm and InstanceNorm1d/2d/3d, and subclasses such as timm's BatchNormAct2d / LayerNorm2d)
+NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _owned_by_norm(module: nn.Module, name: str, parameter: nn.Parameter) -> bool:
+    return isinstance(module, NORM_LAYER_TYPES)
+
+
+def _is_bias(module: nn.Module, name: str, parameter: nn.Parameter) -> bool:
+    return name.endswith("bias")  # ``bias`` and nn.MultiheadAttention's ``in_proj_bias``
+
+
+def _owned_by_embedding(module: nn.Module, name: str, parameter: nn.Parameter) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+# weight-decay exemption rules: a parameter is exempt when any configured rule names it
+WEIGHT_DECAY_EXEMPTIONS: dict[str, Callable[[nn.Module, str, nn.Parameter], bool]] = {
+    # every parameter of a normalisation layer (NORM_LAYER_TYPES): Mask2Former's WEIGHT_DECAY_NORM=0, mmseg's norm_decay_mult=0
+    "norm": _owned_by_norm,
+    # every parameter whose own name ends in "bias" (``bias``, ``in_proj_bias``): SegFormer/mmseg's bias rule
+    "bias": _is_bias,
+    # the weight of every nn.Embedding (query features and positions, the decoder's level embedding):
+    # Mask2Former's WEIGHT_DECAY_EMBED=0; raw nn.Parameter tensors are not embeddings, as in the reference
+    "embedding": _owned_by_embedding,
+}
+
+
+def check_weight_decay_exempt(rules: Sequence[str]) -> tuple[str, ...]:
+    """The rule names as a tuple, or a ``ValueError`` naming ``method.weight_decay_exempt`` and the allowed values."""
+    allowed = sorted(WEIGHT_DECAY_EXEMPTIONS)
+    if isinstance(rules, str):
+        raise ValueError(f"method.weight_decay_exempt must be a list of rule names from {allowed}, got the string {rules!r}")
+    unknown = [rule for rule in rules if rule not in WEIGHT_DECAY_EXEMPTIONS]
+    if unknown:
+        raise ValueError(f"method.weight_decay_exempt has unknown rule(s) {unknown}: allowed values are {allowed}")
+    return tuple(rules)
+
+
+def weight_decay_exempt_parameters(model: nn.Module, rules: Sequence[str]) -> set[int]:
+    """``id``s of the parameters of ``model`` that the exemption ``rules`` name (each parameter judged
+    by the module that owns it and its own attribute name; a shared parameter by its first owner)."""
+    predicates = [WEIGHT_DECAY_EXEMPTIONS[rule] for rule in check_weight_decay_exempt(rules)]
+    exempt: set[int] = set()
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            if any(predicate(module, name, parameter) for predicate in predicates):
+                exempt.add(id(parameter))
+    return exempt
 
 
 class CheckpointMismatchError(ValueError):
@@ -94,8 +161,11 @@ class ZSSMethod(L.LightningModule):
             optimizer step; ``None`` for a constant LR.
         lr_multipliers: ``{module-name prefix: factor}``; a parameter takes the factor of the
             longest matching prefix (e.g. ``{head: 10.0}``, the SegFormer recipe).
-        no_weight_decay_on_norm_and_bias: exclude 1-d parameters (norm weights, biases) from
-            weight decay.
+        weight_decay_exempt: rules naming the parameters trained without weight decay, any of
+            ``norm`` (parameters of normalisation layers), ``bias`` (parameters named ``*bias``),
+            ``embedding`` (``nn.Embedding`` weights); ``[norm, bias]`` is the SegFormer/mmseg rule
+            (the zeroseg methods' default), ``[norm, embedding]`` Mask2Former's (``build_optimizer``:
+            WEIGHT_DECAY_NORM = WEIGHT_DECAY_EMBED = 0, biases decay); ``[]`` decays everything.
         inference: whole-image or sliding-window evaluation (config group ``inference``);
             ``None`` = whole image.
     """
@@ -111,7 +181,7 @@ class ZSSMethod(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Optional[Callable[..., Any]] = None,
         lr_multipliers: Optional[Mapping[str, float]] = None,
-        no_weight_decay_on_norm_and_bias: bool = True,
+        weight_decay_exempt: Sequence[str] = ("norm", "bias"),
         inference: Optional[SegmentationInference] = None,
     ) -> None:
         super().__init__()
@@ -121,7 +191,7 @@ class ZSSMethod(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.lr_multipliers = dict(lr_multipliers or {})
-        self.no_weight_decay_on_norm_and_bias = no_weight_decay_on_norm_and_bias
+        self.weight_decay_exempt = check_weight_decay_exempt(weight_decay_exempt)
         self.inference = inference or SegmentationInference("whole")
         self.class_names: tuple[str, ...] = split.class_names
         self.train_class_names: tuple[str, ...] = split.train_class_names(setting)
@@ -221,10 +291,11 @@ class ZSSMethod(L.LightningModule):
         if unknown:
             raise ValueError(f"method.lr_multipliers names {unknown}, which match no parameter of {type(self).__name__}")
         groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        exempt = weight_decay_exempt_parameters(self, self.weight_decay_exempt)
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad or name.startswith(TEACHER_PREFIX):
                 continue
-            decay = not (self.no_weight_decay_on_norm_and_bias and parameter.ndim <= 1)
+            decay = id(parameter) not in exempt
             groups.setdefault((self._lr_multiplier(name), decay), []).append(parameter)
         if not groups:
             raise ValueError(f"{type(self).__name__} has no trainable parameters")

@@ -5,8 +5,11 @@ backbone → pixel decoder (``msdeform`` Mask2Former | ``fpn`` MaskFormer) → t
 (``mask2former`` | ``maskformer``) → per query a mask and a class embedding classified against the
 training classes' text embeddings plus a learnable "no object" embedding → Hungarian matching and
 the set criterion over every decoder layer. Inference: :func:`~zeroseg.toolkit.matching.semantic_inference`
-against the text embeddings of all classes. This is the query-based counterpart of ``baseline``
-and Split Matching's Table 2 "Baseline"; Split Matching, DeOP and MAFT reuse its pieces.
+against the text embeddings of all classes, at the size of the images it is given (the whole image or
+one sliding window): by default in Mask2Former's order (mask logits upsampled, then sigmoid and the sum
+over queries), ``inference_order=score_first`` sums at 1/4 and resizes the scores. This is the
+query-based counterpart of ``baseline`` and Split Matching's Table 2 "Baseline"; Split Matching, DeOP
+and MAFT reuse its pieces.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from zeroseg.methods.base import ZSSMethod
 from zeroseg.models.backbones import Backbone
 from zeroseg.models.pixel_decoders import FPNPixelDecoder, MSDeformPixelDecoder
 from zeroseg.models.query_decoders import Mask2FormerDecoder, MaskFormerDecoder, QueryHeads, QueryPrediction
-from zeroseg.toolkit.matching import HungarianMatcher, SetCriterion, semantic_inference, targets_from_labels
+from zeroseg.toolkit.matching import (
+    INFERENCE_ORDERS,
+    HungarianMatcher,
+    InferenceOrder,
+    SetCriterion,
+    semantic_inference,
+    targets_from_labels,
+)
 
 __all__ = ["QueryBaseline", "QuerySegmenter"]
 
@@ -87,6 +97,9 @@ class QueryBaseline(ZSSMethod):
         segmenter: keyword arguments of :class:`QuerySegmenter` (sizes, decoder choices).
         matcher: keyword arguments of :class:`~zeroseg.toolkit.matching.HungarianMatcher`.
         criterion: keyword arguments of :class:`~zeroseg.toolkit.matching.SetCriterion`.
+        inference_order: ``upsample_first`` (Mask2Former: the mask logits are upsampled to the
+            input size before the sigmoid and the sum over queries) or ``score_first`` (the sum at
+            1/4, the class scores resized afterwards: cheaper, the stack's earlier behaviour).
     """
 
     def __init__(
@@ -95,9 +108,13 @@ class QueryBaseline(ZSSMethod):
         segmenter: Optional[Mapping[str, Any]] = None,
         matcher: Optional[Mapping[str, Any]] = None,
         criterion: Optional[Mapping[str, Any]] = None,
+        inference_order: InferenceOrder = "upsample_first",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if inference_order not in INFERENCE_ORDERS:
+            raise ValueError(f"method.inference_order={inference_order!r} is not one of {list(INFERENCE_ORDERS)}")
+        self.inference_order = inference_order
         self.backbone = backbone
         options = dict(segmenter or {})
         if options.get("class_head", "text") != "text":
@@ -111,8 +128,11 @@ class QueryBaseline(ZSSMethod):
         return self.segmenter(self.backbone(images), class_embeddings)
 
     def predict_logits(self, images: Tensor, class_embeddings: Tensor) -> Tensor:
+        """Class scores ``(B, K, H, W)`` at the size of ``images`` (a whole image or one sliding window;
+        the base resizes them to the label size afterwards, as Mask2Former's ``sem_seg_postprocess``
+        resizes its scores to the output size)."""
         final = self.predictions(images, class_embeddings)[-1]
-        return semantic_inference(final.class_logits, final.mask_logits)
+        return semantic_inference(final.class_logits, final.mask_logits, images.shape[-2:], self.inference_order)
 
     def training_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         targets = targets_from_labels(batch["label"], self.ignore_index)

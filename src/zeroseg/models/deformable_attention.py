@@ -70,7 +70,9 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Deformable DETR's init: offsets start on a ring of directions, growing with the point index
+        """Deformable DETR's ``MSDeformAttn._reset_parameters`` (kept by Mask2Former, which calls it again
+        after its encoder-wide Xavier fill): offsets start on a ring of directions growing with the point
+        index, uniform attention weights, Xavier-uniform value/output projections with zero biases."""
         nn.init.zeros_(self.sampling_offsets.weight)
         angles = torch.arange(self.heads, dtype=torch.float32) * (2.0 * math.pi / self.heads)
         grid = torch.stack([angles.cos(), angles.sin()], -1)

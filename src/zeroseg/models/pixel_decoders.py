@@ -9,6 +9,10 @@ starts at 1/32).
   are projected (1×1 conv + GroupNorm), refined jointly by a multi-scale deformable-attention
   encoder (6 layers, level embeddings, sine positions), then an FPN step adds the 1/4 map.
 * :class:`FPNPixelDecoder` (MaskFormer, Cheng et al. 2021, Sec. 3.4): a plain top-down FPN.
+
+Initialisation and precision follow Mask2Former's ``MSDeformAttnPixelDecoder`` / ``BasePixelDecoder``
+(see each class); the deformable pixel decoder always runs in fp32, autocast disabled, as Mask2Former's
+``forward_features`` does (its deformable attention has no half-precision path).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 from zeroseg.models.deformable_attention import MSDeformAttn
 
-__all__ = ["FPNPixelDecoder", "MSDeformPixelDecoder", "sine_position_embedding"]
+__all__ = ["FPNPixelDecoder", "MSDeformPixelDecoder", "caffe2_xavier_fill", "sine_position_embedding"]
 
 
 def sine_position_embedding(
@@ -42,9 +46,21 @@ def sine_position_embedding(
     return torch.cat([pos_y, pos_x], dim=-1).permute(2, 0, 1).to(dtype)
 
 
-def _conv_norm(in_channels: int, out_channels: int, kernel: int, groups: int = 32, relu: bool = False) -> nn.Sequential:
+def caffe2_xavier_fill(layer: nn.Module) -> None:
+    """Caffe2's "XavierFill" as detectron2/fvcore's ``c2_xavier_fill`` applies it: ``kaiming_uniform_`` with
+    ``a=1`` (uniform in ±sqrt(3 / fan_in)) on the weight, zero bias."""
+    nn.init.kaiming_uniform_(layer.weight, a=1)
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def _conv_norm(
+    in_channels: int, out_channels: int, kernel: int, groups: int = 32, relu: bool = False, bias: bool = False
+) -> nn.Sequential:
+    """``Conv2d`` (bias only if asked: a GroupNorm follows) + ``GroupNorm`` (+ ReLU); the conv keeps
+    PyTorch's default initialisation (callers apply the reference's)."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=bias),
         nn.GroupNorm(min(groups, out_channels), out_channels),
     ]
     if relu:
@@ -69,6 +85,16 @@ class DeformableEncoderLayer(nn.Module):
 
 class MSDeformPixelDecoder(nn.Module):
     """Mask2Former's pixel decoder.
+
+    Initialisation (Mask2Former's ``MSDeformAttnPixelDecoder`` and ``MSDeformAttnTransformerEncoderOnly``):
+    input projections 1×1 conv *with bias* (Xavier-uniform, gain 1, zero bias) + GroupNorm; in the
+    encoder every weight matrix Xavier-uniform, then each :class:`MSDeformAttn` re-initialised by its own
+    rule (so only the FFN weights keep the Xavier draw; biases keep PyTorch's default); level embeddings
+    ``normal_`` (std 1), stored as a raw parameter as in the reference; lateral, output and mask-feature
+    convs ``c2_xavier_fill`` (:func:`caffe2_xavier_fill`).
+
+    Precision: the whole forward runs in fp32 with autocast disabled and fp32 inputs, as Mask2Former's
+    ``forward_features`` (``@autocast(enabled=False)``, ``features[f].float()``); the outputs are fp32.
 
     Args:
         in_channels / in_strides: the backbone's levels, finest first (at least two; the last three
@@ -98,8 +124,8 @@ class MSDeformPixelDecoder(nn.Module):
         self.levels = min(transformer_levels, len(in_channels) - 1)
         self.transformer_channels = list(in_channels)[-self.levels :][::-1]  # coarsest first
         self.fpn_channels = list(in_channels)[: -self.levels][::-1]  # finer levels, coarse to fine
-        self.input_proj = nn.ModuleList(_conv_norm(c, dim, 1) for c in self.transformer_channels)
-        self.level_embed = nn.Parameter(torch.randn(self.levels, dim) * 0.02)
+        self.input_proj = nn.ModuleList(_conv_norm(c, dim, 1, bias=True) for c in self.transformer_channels)
+        self.level_embed = nn.Parameter(torch.empty(self.levels, dim))
         self.encoder = nn.ModuleList(
             DeformableEncoderLayer(dim, heads, self.levels, points, ffn_dim, dropout) for _ in range(encoder_layers)
         )
@@ -107,6 +133,22 @@ class MSDeformPixelDecoder(nn.Module):
         self.output = nn.ModuleList(_conv_norm(dim, dim, 3, relu=True) for _ in self.fpn_channels)
         self.mask_features = nn.Conv2d(dim, mask_dim, 1)
         self.dim = dim
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Mask2Former's initialisation (see the class docstring)."""
+        for projection in self.input_proj:
+            nn.init.xavier_uniform_(projection[0].weight, gain=1)
+            nn.init.zeros_(projection[0].bias)
+        for layer in self.encoder:
+            for parameter in layer.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_uniform_(parameter)
+            layer.attn.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        for conv_norm in [*self.lateral, *self.output]:
+            caffe2_xavier_fill(conv_norm[0])
+        caffe2_xavier_fill(self.mask_features)
 
     @staticmethod
     def reference_points(spatial_shapes: Sequence[tuple[int, int]], levels: int, device, dtype) -> Tensor:
@@ -122,6 +164,11 @@ class MSDeformPixelDecoder(nn.Module):
         return torch.cat(points)[:, None, :].expand(-1, levels, -1)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """``features`` finest first → fp32 ``(mask_features, multi_scale)`` whatever the autocast state."""
+        with torch.autocast(device_type=features[0].device.type, enabled=False):
+            return self._forward_fp32([feature.float() for feature in features])
+
+    def _forward_fp32(self, features: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         coarse = list(features)[-self.levels :][::-1]
         projected = [proj(f) for proj, f in zip(self.input_proj, coarse)]
         shapes = [tuple(p.shape[-2:]) for p in projected]
@@ -152,7 +199,9 @@ class FPNPixelDecoder(nn.Module):
     """MaskFormer's pixel decoder: lateral 1×1 + output 3×3 convs, top down from the coarsest level.
 
     Returns the finest output through a 3×3 conv as mask features and the top-down outputs of the
-    three coarsest levels (coarsest first) as multi-scale features.
+    three coarsest levels (coarsest first) as multi-scale features. Every conv is initialised by
+    ``c2_xavier_fill`` (:func:`caffe2_xavier_fill`), as in Mask2Former's ``BasePixelDecoder``, which
+    also runs under the surrounding autocast (no fp32 section).
     """
 
     def __init__(self, in_channels: Sequence[int], in_strides: Sequence[int], dim: int = 256, mask_dim: int = 256) -> None:
@@ -164,6 +213,9 @@ class FPNPixelDecoder(nn.Module):
         )
         self.mask_features = nn.Conv2d(dim, mask_dim, 3, padding=1)
         self.dim = dim
+        for conv_norm in [*self.lateral[1:], *self.output]:
+            caffe2_xavier_fill(conv_norm[0])
+        caffe2_xavier_fill(self.mask_features)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         outputs = []

@@ -13,6 +13,11 @@
   or class-agnostic (``objectness``: object vs no object; ``none``: masks only).
 
 Decoders return a list of :class:`QueryPrediction`, the last one being the final prediction.
+
+Initialisation follows Mask2Former: every weight matrix of the attention and FFN layers Xavier-uniform
+(``SelfAttentionLayer`` / ``CrossAttentionLayer`` / ``FFNLayer._reset_parameters``, DETR's
+``Transformer._reset_parameters`` for MaskFormer), the optional input projection ``c2_xavier_fill``, query
+features, query positions and level embeddings ``nn.Embedding`` (N(0, 1)), the heads PyTorch's defaults.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zeroseg.models.pixel_decoders import sine_position_embedding
+from zeroseg.models.pixel_decoders import caffe2_xavier_fill, sine_position_embedding
 
 __all__ = [
     "Mask2FormerDecoder",
@@ -105,6 +110,15 @@ def attention_mask_from_masks(mask_logits: Tensor, size: Sequence[int], heads: i
     return blocked.repeat_interleave(heads, dim=0)
 
 
+def _xavier_fill_matrices(module: nn.Module) -> None:
+    """``xavier_uniform_`` on every parameter with more than one dimension (Mask2Former's attention and FFN
+    layers' ``_reset_parameters``: for ``nn.MultiheadAttention`` the packed ``(3·dim, dim)`` input
+    projection is one matrix); biases and norms keep their initialisation."""
+    for parameter in module.parameters():
+        if parameter.dim() > 1:
+            nn.init.xavier_uniform_(parameter)
+
+
 class _AttentionLayer(nn.Module):
     """Post-norm attention + residual: ``norm(x + attn(x + pos_q, memory + pos_k, memory))``."""
 
@@ -112,6 +126,7 @@ class _AttentionLayer(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
+        _xavier_fill_matrices(self)
 
     def forward(
         self, x: Tensor, memory: Tensor, query_pos: Tensor, memory_pos: Optional[Tensor], attn_mask: Optional[Tensor] = None
@@ -126,6 +141,7 @@ class _FFNLayer(nn.Module):
         super().__init__()
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
         self.norm = nn.LayerNorm(dim)
+        _xavier_fill_matrices(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x + self.ffn(x))
@@ -154,6 +170,8 @@ class _QueryDecoderBase(nn.Module):
         self.query_feat = nn.Embedding(num_queries, dim) if query_features else None
         self.query_pos = nn.Embedding(num_queries, dim)
         self.input_proj = nn.Identity() if in_channels == dim else nn.Conv2d(in_channels, dim, 1)
+        if isinstance(self.input_proj, nn.Conv2d):
+            caffe2_xavier_fill(self.input_proj)
         self.heads = heads_module
 
     def _memory(self, feature: Tensor, level_embed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

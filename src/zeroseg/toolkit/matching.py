@@ -11,13 +11,17 @@ Sec. 3.2–3.4).
 * :class:`SetCriterion`: CE over K+1 classes with the no-object class down-weighted (0.1); mask BCE
   and dice on importance-sampled points (oversample 3, importance 0.75: the most uncertain
   points plus uniform ones); weights 2 / 5 / 5; summed over every decoder layer.
-* :func:`semantic_inference`: ``Σ_q softmax(class)_q[:K] · sigmoid(mask)_q`` per pixel.
+* :func:`semantic_inference`: ``Σ_q softmax(class)_q[:K] · sigmoid(mask)_q`` per pixel, with the mask
+  logits first upsampled to the output size (Mask2Former's order) or the scores resized afterwards.
+
+Point sampling pads like detectron2's ``point_sample`` (``grid_sample``'s zero padding) unless
+``padding_mode="border"`` is chosen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,15 +31,31 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 __all__ = [
+    "INFERENCE_ORDERS",
+    "PADDING_MODES",
     "HungarianMatcher",
     "NonFiniteCostError",
     "SetCriterion",
     "Targets",
+    "check_padding_mode",
     "point_sample",
     "semantic_inference",
     "targets_from_labels",
     "uncertain_point_coords",
 ]
+
+
+PaddingMode = Literal["zeros", "border"]
+PADDING_MODES: tuple[str, ...] = ("zeros", "border")
+InferenceOrder = Literal["upsample_first", "score_first"]
+INFERENCE_ORDERS: tuple[str, ...] = ("upsample_first", "score_first")
+
+
+def check_padding_mode(padding_mode: str, key: str = "padding_mode") -> str:
+    """``padding_mode`` if it is one of :data:`PADDING_MODES`, else a ``ValueError`` naming ``key``."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{key}={padding_mode!r} is not one of {list(PADDING_MODES)}")
+    return padding_mode
 
 
 class NonFiniteCostError(FloatingPointError):
@@ -63,22 +83,27 @@ def targets_from_labels(labels: Tensor, ignore_index: int = 255) -> Targets:
     return Targets(classes, masks)
 
 
-def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
+def point_sample(inputs: Tensor, coords: Tensor, padding_mode: PaddingMode = "zeros") -> Tensor:
     """Bilinear values of ``inputs (N, C, H, W)`` at ``coords (N, P, 2)`` in [0, 1] (x, y) → ``(N, C, P)``.
 
-    Border padding: a point within half a pixel of the edge takes the edge value (detectron2's
-    ``point_sample`` pads with zeros there, which dilutes masks that touch the image border).
+    ``padding_mode="zeros"`` (default) is detectron2's ``point_sample`` (``grid_sample`` with its default
+    zero padding, ``align_corners=False``), which Mask2Former's matcher and criterion use: a point within
+    half a pixel of the edge blends the edge value with zeros. ``"border"`` takes the edge value there
+    instead (masks touching the image border are not diluted).
     """
     grid = 2.0 * coords.unsqueeze(2) - 1.0
-    return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(3)
+    return F.grid_sample(inputs, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False).squeeze(3)
 
 
-def uncertain_point_coords(mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> Tensor:
-    """Mask2Former's training points ``(N, P, 2)``: of ``oversample_ratio·P`` uniform candidates keep
-    the ``importance_ratio·P`` most uncertain (|logit| smallest), fill the rest uniformly."""
+def uncertain_point_coords(
+    mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float, padding_mode: PaddingMode = "zeros"
+) -> Tensor:
+    """Mask2Former's training points ``(N, P, 2)`` (detectron2's ``get_uncertain_point_coords_with_randomness``):
+    of ``oversample_ratio·P`` uniform candidates keep the ``importance_ratio·P`` most uncertain (|logit|
+    smallest), fill the rest uniformly."""
     count = mask_logits.shape[0]
     candidates = torch.rand(count, int(num_points * oversample_ratio), 2, device=mask_logits.device)
-    uncertainty = -point_sample(mask_logits.unsqueeze(1), candidates).squeeze(1).abs()
+    uncertainty = -point_sample(mask_logits.unsqueeze(1), candidates, padding_mode).squeeze(1).abs()
     important = int(importance_ratio * num_points)
     index = uncertainty.topk(important, dim=1).indices
     coords = torch.gather(candidates, 1, index.unsqueeze(-1).expand(-1, -1, 2))
@@ -108,11 +133,20 @@ class HungarianMatcher(nn.Module):
     Args:
         cost_class / cost_mask / cost_dice: weights of the three terms (2 / 5 / 5, Mask2Former).
         num_points: uniformly sampled points shared by predictions and targets (12,544).
+        padding_mode: point sampling at the border, ``zeros`` (detectron2's) or ``border``.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544) -> None:
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 5.0,
+        num_points: int = 12544,
+        padding_mode: PaddingMode = "zeros",
+    ) -> None:
         super().__init__()
         self.cost_class, self.cost_mask, self.cost_dice, self.num_points = cost_class, cost_mask, cost_dice, num_points
+        self.padding_mode = check_padding_mode(padding_mode, "method.matcher.padding_mode")
 
     @torch.no_grad()
     def cost_terms(self, class_logits: Optional[Tensor], mask_logits: Tensor, targets: Targets) -> dict[str, Tensor]:
@@ -120,14 +154,14 @@ class HungarianMatcher(nn.Module):
         batch, queries = mask_logits.shape[:2]
         t_max = max(max((len(c) for c in targets.classes), default=0), 1)
         coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
-        predicted = point_sample(mask_logits.float(), coords.expand(batch, -1, -1))  # (B, Q, P)
+        predicted = point_sample(mask_logits.float(), coords.expand(batch, -1, -1), self.padding_mode)  # (B, Q, P)
         # targets are sampled image by image (they differ in count) and padded at point level:
         # padding full-resolution masks would copy B·T·H·W values
         wanted = predicted.new_zeros(batch, t_max, self.num_points)
         labels = torch.zeros(batch, t_max, dtype=torch.long, device=mask_logits.device)
         for b, (classes, masks) in enumerate(zip(targets.classes, targets.masks)):
             if len(classes):
-                wanted[b, : len(classes)] = point_sample(masks.unsqueeze(0).float(), coords)[0]
+                wanted[b, : len(classes)] = point_sample(masks.unsqueeze(0).float(), coords, self.padding_mode)[0]
                 labels[b, : len(classes)] = classes
         terms = {"mask": _bce_cost(predicted, wanted), "dice": _dice_cost(predicted, wanted)}
         if class_logits is not None:
@@ -203,6 +237,7 @@ class SetCriterion(nn.Module):
         class_weight / mask_weight / dice_weight: 2 / 5 / 5.
         no_object_weight: CE weight of the no-object class (0.1).
         num_points / oversample_ratio / importance_ratio: training points (12,544 / 3 / 0.75).
+        padding_mode: point sampling at the border, ``zeros`` (detectron2's) or ``border``.
     """
 
     def __init__(
@@ -215,9 +250,11 @@ class SetCriterion(nn.Module):
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_ratio: float = 0.75,
+        padding_mode: PaddingMode = "zeros",
     ) -> None:
         super().__init__()
         self.matcher = matcher
+        self.padding_mode = check_padding_mode(padding_mode, "method.criterion.padding_mode")
         self.class_weight, self.mask_weight, self.dice_weight = class_weight, mask_weight, dice_weight
         self.no_object_weight = no_object_weight
         self.num_points, self.oversample_ratio, self.importance_ratio = num_points, oversample_ratio, importance_ratio
@@ -249,9 +286,11 @@ class SetCriterion(nn.Module):
             losses["mask"], losses["dice"] = zero, zero
             return losses
         with torch.no_grad():
-            coords = uncertain_point_coords(predicted.float(), self.num_points, self.oversample_ratio, self.importance_ratio)
-            point_targets = point_sample(wanted.unsqueeze(1).float(), coords).squeeze(1)
-        point_logits = point_sample(predicted.unsqueeze(1).float(), coords).squeeze(1)
+            coords = uncertain_point_coords(
+                predicted.float(), self.num_points, self.oversample_ratio, self.importance_ratio, self.padding_mode
+            )
+            point_targets = point_sample(wanted.unsqueeze(1).float(), coords, self.padding_mode).squeeze(1)
+        point_logits = point_sample(predicted.unsqueeze(1).float(), coords, self.padding_mode).squeeze(1)
         bce, dice = _mask_losses(point_logits, point_targets, num_masks)
         losses["mask"], losses["dice"] = self.mask_weight * bce, self.dice_weight * dice
         return losses
@@ -271,6 +310,29 @@ class SetCriterion(nn.Module):
         return totals
 
 
-def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
-    """Per-pixel class scores ``(B, K, H, W) = Σ_q softmax(class)_q[:K] · sigmoid(mask)_q`` (no object dropped)."""
-    return torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
+def semantic_inference(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    size: Optional[Sequence[int]] = None,
+    order: InferenceOrder = "upsample_first",
+) -> Tensor:
+    """Per-pixel class scores ``(B, K, H, W) = Σ_q softmax(class)_q[:K] · sigmoid(mask)_q`` (no object dropped).
+
+    ``size`` (optional) is the output ``(H, W)``; ``order`` says where the resizing happens:
+
+    * ``upsample_first`` (Mask2Former's ``MaskFormer.forward``/``semantic_inference``): the mask logits
+      ``(B, Q, h, w)`` are upsampled to ``size`` (bilinear, ``align_corners=False``), then the sigmoid
+      and the sum over queries are taken at full resolution;
+    * ``score_first``: the sum is taken at the mask resolution and the class scores are resized.
+
+    Without ``size`` the scores stay at the mask resolution (both orders coincide).
+    """
+    if order not in INFERENCE_ORDERS:
+        raise ValueError(f"inference_order={order!r} is not one of {list(INFERENCE_ORDERS)}")
+    resize = size is not None and tuple(size) != tuple(mask_logits.shape[-2:])
+    if resize and order == "upsample_first":
+        mask_logits = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
+    scores = torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
+    if resize and order == "score_first":
+        scores = F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
+    return scores
