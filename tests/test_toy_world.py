@@ -17,7 +17,7 @@ from zeroseg.data import ClassSplit
 from zeroseg.eval import evaluate
 from zeroseg.toy.benchmark import COLUMNS, benchmark_rows, load_benchmark_config, registered_methods
 from zeroseg.toy.benchmark import main as benchmark_main
-from zeroseg.toy.clip import evaluate_toy_clip, toy_model_cfg
+from zeroseg.toy.clip import SEED_BASES, evaluate_toy_clip, toy_model_cfg
 from zeroseg.utils import compose_config
 
 from conftest import TINY_OVERRIDES, repo_root, subprocess_env
@@ -27,14 +27,24 @@ from conftest import TINY_OVERRIDES, repo_root, subprocess_env
 # because colour alone separates most regions; the floor sits between the two, so it demands
 # what pretraining adds, with room for platform noise.
 PSEUDO_MASK_IOU_FLOOR = 46.0
+# dense zero-shot mIoU of each shipped model's patch tokens (README "The toy world")
+DENSE_MIOU_FLOOR = {"toy": 50.0, "toy_cls": 50.0}
+ATTENTION_REGION_FLOOR = 70.0
 
 
-@pytest.fixture(scope="module")
-def toy_evaluation() -> dict[str, float]:
-    cfg = compose_config("train", ["clip=toy"], "/tmp/unused")
+# the shipped toy CLIPs: clip=toy pools by the mean of its patch tokens, clip=toy_cls by its CLS token
+SHIPPED_TOY_CLIPS = ("toy", "toy_cls")
+
+
+@pytest.fixture(scope="module", params=SHIPPED_TOY_CLIPS)
+def toy_evaluation(request) -> dict[str, float]:
+    # a seed range no other code uses: the pretraining script reports on SEED_BASES["test"]
+    cfg = compose_config("train", [f"clip={request.param}"], "/tmp/unused")
     teacher = hydra.utils.instantiate(cfg.clip, cache_dir=None)
     split = cfg.dataset.split
-    return evaluate_toy_clip(teacher, list(split.class_names), list(split.unseen_class_names))
+    return evaluate_toy_clip(
+        teacher, list(split.class_names), list(split.unseen_class_names), seed_base=SEED_BASES["test_suite"]
+    ) | {"clip": request.param}
 
 
 def test_shipped_toy_clip_classifies_fresh_crops(toy_evaluation) -> None:
@@ -47,17 +57,32 @@ def test_shipped_toy_clip_classifies_masked_ground_truth_regions(toy_evaluation)
     assert toy_evaluation["masked_region_accuracy_unseen"] >= 90.0
 
 
+def test_cls_toy_clip_pools_by_its_cls_token_and_serves_the_attention_region_encoder(toy_evaluation) -> None:
+    if toy_evaluation["clip"] != "toy_cls":
+        assert "attention_region_accuracy_seen" not in toy_evaluation  # mean-pooled: no CLS token to copy
+        return
+    assert toy_model_cfg("toy_cls")["vision_cfg"]["pool_type"] == "tok"
+    # chance is 1/16; the one-pass encoder sees 4x4-8x8 token masks of the regions
+    assert toy_evaluation["attention_region_accuracy_seen"] >= ATTENTION_REGION_FLOOR
+    assert toy_evaluation["attention_region_accuracy_unseen"] >= ATTENTION_REGION_FLOOR
+
+
 def test_shipped_toy_clip_dense_tokens_cluster_into_regions(toy_evaluation) -> None:
     assert toy_evaluation["kmeans_best_match_iou"] >= PSEUDO_MASK_IOU_FLOOR
+    assert toy_evaluation["dense_zero_shot_mIoU"] >= DENSE_MIOU_FLOOR[toy_evaluation["clip"]]
     cfg = compose_config("train", [], "/tmp/unused")
-    untrained = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg())
-    random_iou = evaluate_toy_clip(untrained, list(cfg.dataset.split.class_names), list(cfg.dataset.split.unseen_class_names))
+    untrained = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg(toy_evaluation["clip"]))
+    split = cfg.dataset.split
+    random_iou = evaluate_toy_clip(
+        untrained, list(split.class_names), list(split.unseen_class_names), seed_base=SEED_BASES["test_suite"]
+    )
     assert toy_evaluation["kmeans_best_match_iou"] > random_iou["kmeans_best_match_iou"]
     assert toy_evaluation["dense_zero_shot_mIoU"] > random_iou["dense_zero_shot_mIoU"] + 20
 
 
-def test_shipped_weights_are_small_fp16_safetensors() -> None:
-    path = Path(compose_config("train", ["clip=toy"], "/tmp/unused").clip.pretrained)
+@pytest.mark.parametrize("clip", SHIPPED_TOY_CLIPS)
+def test_shipped_weights_are_small_fp16_safetensors(clip: str) -> None:
+    path = Path(compose_config("train", [f"clip={clip}"], "/tmp/unused").clip.pretrained)
     assert path.suffix == ".safetensors" and path.stat().st_size < 15e6
     from safetensors.torch import load_file
 
@@ -167,6 +192,13 @@ def test_benchmark_arguments_are_split_between_the_benchmark_and_every_run(tmp_p
         load_benchmark_config("toy", ["seed=3"])
     with pytest.raises(ValueError, match="method is chosen per run.*methods="):
         load_benchmark_config("toy", ["method=c2s"])
+    rows = benchmark_rows(load_benchmark_config("toy", ["methods=[c2s,baseline]", "method_overrides={baseline: [clip=toy_cls]}"]))
+    assert [(r.name, r.method, r.overrides) for r in rows] == [
+        ("c2s", "c2s", []),
+        ("c2s (attention encoder)", "c2s", ["clip=toy_cls", "method.region_encoder=attention"]),
+        ("baseline", "baseline", ["clip=toy_cls"]),
+        ("oracle (c2s, all labels)", "c2s", ["dataset.setting=supervised"]),
+    ]
     with pytest.raises(ValueError, match=r"benchmark.methods names \['nope'\]"):
         benchmark_rows(load_benchmark_config("toy", ["methods=[nope]"]))
 

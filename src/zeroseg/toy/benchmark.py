@@ -144,13 +144,12 @@ def benchmark_rows(bench: DictConfig) -> list[BenchmarkRow]:
         unknown = [m for m in names if m not in available]
         if unknown:
             raise ValueError(f"{key} names {unknown}; registered methods are {sorted(available)}")
-    rows = [BenchmarkRow(m, m, available[m], list(method_overrides.get(m, []))) for m in methods]
-    for extra in extra_rows:
-        method = extra["method"]
-        if method not in methods:
-            continue
-        overrides = [*method_overrides.get(method, []), *extra.get("overrides", [])]
-        rows.append(BenchmarkRow(extra["row"], method, available[method], overrides))
+    rows = []
+    for method in methods:  # a method's extra rows follow its own row
+        rows.append(BenchmarkRow(method, method, available[method], list(method_overrides.get(method, []))))
+        for extra in (e for e in extra_rows if e["method"] == method):
+            overrides = [*method_overrides.get(method, []), *extra.get("overrides", [])]
+            rows.append(BenchmarkRow(extra["row"], method, available[method], overrides))
     if bench.oracle:
         oracle_method = next((m for m in methods if available[m]), None)
         if oracle_method is None:
