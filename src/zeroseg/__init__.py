@@ -18,3 +18,14 @@ def asset_path(name: str) -> str:
 OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 # `${asset:toy_clip.safetensors}`: a file shipped inside the package
 OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+
+
+def _run_dir(base: str, kind: str = "run", *, _root_: object) -> str:
+    # imported when a run directory is named (the CLI), so `import zeroseg` stays light
+    from zeroseg.utils.run_dirs import run_dir_resolver
+
+    return run_dir_resolver(base, kind, _root_=_root_)  # type: ignore[arg-type]
+
+
+# `${run_dir:<base>}`: a new run directory no other launch shares, or the one resume=auto continues
+OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)

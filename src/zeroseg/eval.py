@@ -16,8 +16,9 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from zeroseg.build import build_run, check_checkpoint_path
-from zeroseg.utils import save_resolved_config, task_wrapper, write_run_outputs
+from zeroseg.build import build_run, check_checkpoint_fits, check_checkpoint_path
+from zeroseg.utils import save_resolved_config, task_wrapper, warn_unknown_keys, write_run_outputs
+from zeroseg.utils.console import quiet_known_noise
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ __all__ = ["evaluate", "main"]
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Test ``cfg.ckpt_path`` on the test split of ``cfg.dataset``; return (metrics, objects)."""
+    warn_unknown_keys(cfg, "eval")
     ckpt_path = check_checkpoint_path(cfg.get("ckpt_path"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -35,6 +37,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
     if ckpt_path is None and model.trainable:
         raise ValueError(f"eval of method {type(model).__name__} needs ckpt_path=<checkpoint file>")
+    if ckpt_path is not None:
+        check_checkpoint_fits(ckpt_path, model)
     trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {**model.test_results, "ckpt_path": ckpt_path}
     write_run_outputs(cfg, metrics, set(datamodule.split.unseen_class_names), title="eval")
@@ -43,6 +47,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="pkg://zeroseg.conf", config_name="eval")
 def main(cfg: DictConfig) -> Optional[float]:
+    quiet_known_noise()
     metrics, _ = evaluate(cfg)
     return float(metrics["hIoU"])
 

@@ -1,5 +1,9 @@
+"""zeroseg's data layer. The datamodule (which imports Lightning) loads on first use, so the data tools
+(``python -m zeroseg.data.prepare``, ``zeroseg.data.verify``) start without Lightning."""
+
+from typing import Any
+
 from zeroseg.data.benchmarks import BENCHMARKS, benchmark_split
-from zeroseg.data.datamodule import TrainingLabels, ZSSDataModule, collate_segmentation
 from zeroseg.data.folders import (
     ADE20KSegmentation,
     COCOStuffSegmentation,
@@ -35,3 +39,14 @@ __all__ = [
     "benchmark_split",
     "collate_segmentation",
 ]
+
+# names served by a module that imports Lightning: imported when first used
+_LAZY = {name: "zeroseg.data.datamodule" for name in ("TrainingLabels", "ZSSDataModule", "collate_segmentation")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'zeroseg.data' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from zeroseg.data.protocol import label_histograms, select_training_images
 from zeroseg.data.samplers import ResumableDataLoader, ResumableTrainSampler, ShardedEvalSampler
 from zeroseg.data.splits import ClassSplit, Setting, check_setting
+from zeroseg.data.verify import verify_datasets
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ class ZSSDataModule(L.LightningDataModule):
         skip_all_ignore: drop training images whose training label is all ignore (zsseg/DeOP).
         label_statistics: count training pixels per class at setup and report them even when no
             image is dropped (always done when an option above is on).
-        cache_dir: where per-image label counts of folder datasets are cached.
+        cache_dir: where per-image label counts of folder datasets and verification results are cached.
+        verify: before training or testing, check every file of the splits the stage uses
+            (:mod:`zeroseg.data.verify`: exist, open, sizes match, valid label values) and list
+            every problem; splits that passed before and did not change are skipped.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class ZSSDataModule(L.LightningDataModule):
         skip_all_ignore: bool = False,
         label_statistics: bool = False,
         cache_dir: Optional[str] = None,
+        verify: bool = True,
     ) -> None:
         super().__init__()
         self.split = split
@@ -124,6 +129,8 @@ class ZSSDataModule(L.LightningDataModule):
         self.skip_all_ignore = skip_all_ignore
         self.label_statistics = label_statistics
         self.cache_dir = cache_dir
+        self.verify = verify
+        self._built: dict[str, Dataset] = {}
         self.training_set_report: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
         self._train_loader: Optional[ResumableDataLoader] = None
@@ -149,13 +156,31 @@ class ZSSDataModule(L.LightningDataModule):
 
     # -- datasets -----------------------------------------------------------------------------
     def _build(self, stage: str) -> Dataset:
+        if stage in self._built:
+            return self._built[stage]
         factory = self.dataset_factories[stage]
         if factory is None:
             raise ValueError(f"dataset '{self.split.name}': no {stage} dataset is configured (dataset.{stage}_dataset)")
         dataset = factory()
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError(f"dataset '{self.split.name}': the {stage} split is empty; expected at least one image")
+        self._built[stage] = dataset
         return dataset
+
+    def prepare_data(self) -> None:
+        """Verify the files of the splits this stage uses (once per node, before ``setup``)."""
+        if not self.verify:
+            return
+        trainer = self.trainer
+        stage = str(trainer.state.fn.value) if trainer is not None and trainer.state.fn is not None else None
+        # each configured factory once: the test split of the real benchmarks is their val split
+        factories = {}
+        for name in STAGE_SPLITS.get(stage, ("train", "val", "test")):
+            factory = self.dataset_factories[name]
+            if factory is not None and all(factory is not other for other in factories.values()):
+                factories[name] = factory
+        datasets = {name: self._build(name) for name in factories}
+        verify_datasets(datasets, self.split.name, self.cache_dir, self.num_workers)
 
     def setup(self, stage: Optional[str] = None) -> None:
         for name in STAGE_SPLITS.get(stage, ("train", "val", "test")):

@@ -14,7 +14,6 @@ returns the kept indices with a report of images and pixels kept and removed by 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zeroseg.data.splits import ClassSplit, Setting
+from zeroseg.data.verify import fingerprint_files
+from zeroseg.utils.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,7 @@ def _cache_key(dataset: Dataset, num_classes: int) -> Optional[str]:
     pairs = getattr(dataset, "pairs", None)
     if pairs is None:
         return None
-    digest = hashlib.sha1(f"{type(dataset).__name__}:{num_classes}".encode())
-    for _, label_path in pairs:
-        stat = Path(label_path).stat()
-        digest.update(f"{label_path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+    return fingerprint_files((label_path for _, label_path in pairs), f"{type(dataset).__name__}:{num_classes}")
 
 
 def label_histograms(
@@ -75,10 +72,8 @@ def label_histograms(
     log.info("counting label pixels of %d training images (once; cached)", len(dataset))  # type: ignore[arg-type]
     histograms = torch.cat(list(loader)).numpy() if len(dataset) else np.zeros((0, num_classes + 1), np.int64)  # type: ignore[arg-type]
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npy")
-        np.save(tmp, histograms)
-        tmp.replace(cache_file)
+        with atomic_output(cache_file, what="label statistics") as handle:
+            np.save(handle, histograms)
     return histograms
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointMismatchError",
     "WEIGHT_DECAY_EXEMPTIONS",
     "check_weight_decay_exempt",
+    "warn_identical_embeddings",
     "weight_decay_exempt_parameters",
 ]
 
@@ -107,6 +108,23 @@ def weight_decay_exempt_parameters(model: nn.Module, rules: Sequence[str]) -> se
             if any(predicate(module, name, parameter) for predicate in predicates):
                 exempt.add(id(parameter))
     return exempt
+
+
+def warn_identical_embeddings(class_names: Sequence[str], embeddings: Tensor) -> list[tuple[str, str]]:
+    """Warn about classes whose text embeddings are identical (the tokenizer truncated their prompts to
+    the same text, or their names differ only in ways it drops); returns the pairs."""
+    normalised = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    similarity = normalised @ normalised.t()
+    first, second = torch.nonzero(torch.triu(similarity > 1 - 1e-6, diagonal=1), as_tuple=True)
+    pairs = [(class_names[i], class_names[j]) for i, j in zip(first.tolist(), second.tolist())]
+    if pairs:
+        log.warning(
+            "%d pair(s) of classes get identical text embeddings, so the model cannot tell them apart: %s. "
+            "The teacher's tokenizer truncates prompts to its context length (or the names differ only in case or "
+            "punctuation); rename one of each pair (dataset.split.rename={old: new}) or use shorter templates",
+            len(pairs), ", ".join(f"{a!r} = {b!r}" for a, b in pairs),
+        )  # fmt: skip
+    return pairs
 
 
 class CheckpointMismatchError(ValueError):
@@ -200,9 +218,14 @@ class ZSSMethod(L.LightningModule):
         # text embeddings are a function of the teacher: recomputed, never checkpointed
         self.register_buffer("train_text_embeddings", teacher.encode_text(self.train_class_names), persistent=False)
         self.register_buffer("class_text_embeddings", teacher.encode_text(self.class_names), persistent=False)
+        warn_identical_embeddings(self.class_names, self.class_text_embeddings)
         self.val_metric = HarmonicIoU(split.num_classes, self.unseen_class_ids, self.ignore_index)
         self.test_metric = HarmonicIoU(split.num_classes, self.unseen_class_ids, self.ignore_index)
         self.test_results: dict[str, Any] = {}
+        # the loss terms of the latest training step (detached): NonFiniteLossGuard names the bad ones
+        self.last_loss_terms: dict[str, Tensor] = {}
+        # the config-group choices of the run (set by zeroseg.build), recorded in checkpoints for error messages
+        self.run_choices: dict[str, Any] = {}
 
     # -- what a method implements ----------------------------------------------------------------
     def training_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -236,6 +259,7 @@ class ZSSMethod(L.LightningModule):
     # -- Lightning steps --------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         losses = self.training_losses(batch)
+        self.last_loss_terms = {name: value.detach() for name, value in losses.items()}
         batch_size = batch["image"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=batch_size)
@@ -270,7 +294,13 @@ class ZSSMethod(L.LightningModule):
         }
 
     def on_validation_epoch_end(self) -> None:
-        self._log_summary("val", self.val_metric)
+        results = self._log_summary("val", self.val_metric)
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            # to the console and the run's log file, where a person follows the run
+            log.info(
+                "validation at step %d: hIoU %.2f  sIoU %.2f  uIoU %.2f  mIoU %.2f",
+                self.trainer.global_step, results["hIoU"], results["sIoU"], results["uIoU"], results["mIoU"],
+            )  # fmt: skip
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_summary("test", self.test_metric)
@@ -326,7 +356,7 @@ class ZSSMethod(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)}
-        checkpoint["zeroseg"] = self.describe()
+        checkpoint["zeroseg"] = {**self.describe(), "config_choices": dict(self.run_choices)}
         checkpoint["rng_states"] = _capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

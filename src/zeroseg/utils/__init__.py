@@ -1,24 +1,35 @@
-from zeroseg.utils.config import compose_config
-from zeroseg.utils.instantiate import instantiate_callbacks, instantiate_loggers
-from zeroseg.utils.reporting import (
-    format_metrics_table,
-    print_metrics_table,
-    save_metrics_json,
-    save_resolved_config,
-    write_run_outputs,
-)
-from zeroseg.utils.run import close_loggers, log_hyperparameters, task_wrapper
+"""Run plumbing: config composition, instantiation, run outputs, atomic writes, run directories.
 
-__all__ = [
-    "close_loggers",
-    "compose_config",
-    "format_metrics_table",
-    "instantiate_callbacks",
-    "instantiate_loggers",
-    "log_hyperparameters",
-    "print_metrics_table",
-    "save_metrics_json",
-    "save_resolved_config",
-    "task_wrapper",
-    "write_run_outputs",
-]
+Names load from their modules on first use, so light tools (``zeroseg.data.prepare``/``verify``, the
+run-directory resolver) can use ``zeroseg.utils.atomic`` without importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "compose_config": "config",
+    "warn_unknown_keys": "config",
+    "instantiate_callbacks": "instantiate",
+    "instantiate_loggers": "instantiate",
+    "format_metrics_table": "reporting",
+    "print_metrics_table": "reporting",
+    "save_metrics_json": "reporting",
+    "save_resolved_config": "reporting",
+    "write_run_outputs": "reporting",
+    "close_loggers": "run",
+    "continue_csv_logs": "run",
+    "log_hyperparameters": "run",
+    "task_wrapper": "run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"zeroseg.utils.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'zeroseg.utils' has no attribute {name!r}")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["compose_config"]
+log = logging.getLogger(__name__)
+
+__all__ = ["compose_config", "known_top_level_keys", "warn_unknown_keys"]
 
 
 def compose_config(
@@ -31,3 +36,24 @@ def compose_config(
         cfg.paths.output_dir = str(output_dir)
         del cfg["hydra"]
     return cfg
+
+
+def known_top_level_keys(config_name: str) -> set[str]:
+    """The top-level keys ``conf/<config_name>.yaml`` defines, plus every config group (``dataset``, ``method``, ...)."""
+    conf = files("zeroseg.conf")
+    primary = OmegaConf.create(conf.joinpath(f"{config_name}.yaml").read_text())
+    groups = {entry.name for entry in conf.iterdir() if entry.is_dir() and not entry.name.startswith("_")}
+    return (set(primary.keys()) - {"defaults"}) | groups
+
+
+def warn_unknown_keys(cfg: DictConfig, config_name: str) -> list[str]:
+    """Warn about top-level keys no zeroseg config defines (``+foo=1``: nothing reads them), with the closest
+    known key; returns the unknown keys."""
+    known = known_top_level_keys(config_name)
+    unknown = sorted(str(key) for key in cfg.keys() if key not in known)
+    present = sorted(str(key) for key in cfg.keys() if key in known)
+    for key in unknown:
+        close = difflib.get_close_matches(key, present, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; the top-level keys are {', '.join(present)}"
+        log.warning("config key '%s' is not a zeroseg setting and nothing reads it (added with +%s=...)%s", key, key, hint)
+    return unknown

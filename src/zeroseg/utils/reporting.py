@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zeroseg.metrics import SUMMARY_KEYS
+from zeroseg.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,12 @@ def _json_number(value: float) -> Any:
 def save_metrics_json(path: str | Path, metrics: Mapping[str, Any]) -> Path:
     """Write flat ``sIoU, uIoU, hIoU, mIoU, pAcc`` plus ``per_class_iou`` ({class: IoU or null})."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {k: _json_number(float(metrics[k])) for k in SUMMARY_KEYS}
     payload["per_class_iou"] = {name: _json_number(float(v)) for name, v in metrics["per_class_iou"].items()}
     for key, value in metrics.items():
         if key not in payload and isinstance(value, (int, float, str)):
             payload[key] = _json_number(value) if isinstance(value, float) else value
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n", what="metrics")
 
 
 def format_metrics_table(metrics: Mapping[str, Any], unseen_class_names: set[str] | None = None, title: str = "test") -> Table:
@@ -64,9 +63,7 @@ def print_metrics_table(metrics: Mapping[str, Any], unseen_class_names: set[str]
 @rank_zero_only
 def save_resolved_config(cfg: DictConfig) -> None:
     """The fully resolved config of a run, as ``<output_dir>/config.yaml``."""
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    atomic_write_text(Path(cfg.paths.output_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), what="config")
 
 
 @rank_zero_only
