@@ -147,14 +147,14 @@ def test_c2s_with_the_attention_region_encoder(make_cfg) -> None:
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_c2s_with_the_attention_encoder_trains_in_the_toy_world_on_the_cls_toy_clip(make_cfg, monkeypatch) -> None:
-    # the shipped CLS-pooled toy CLIP (clip=toy_cls) makes the one-pass IP-CLIP-style encoder usable
+def test_c2s_with_the_attention_encoder_trains_in_the_toy_world(make_cfg, monkeypatch) -> None:
+    # the shipped toy CLIP pools by its CLS token, so the one-pass IP-CLIP-style encoder runs on it
     from zeroseg.toolkit import region_tokens
 
     calls = []
     original = region_tokens._attention_region_tokens
     monkeypatch.setattr(region_tokens, "_attention_region_tokens", lambda *a, **k: calls.append(1) or original(*a, **k))
-    metrics, objects = train(make_cfg([*C2S, "clip=toy_cls", "method.region_encoder=attention", "test=false"]))
+    metrics, objects = train(make_cfg([*C2S, "clip=toy", "method.region_encoder=attention", "test=false"]))
     assert objects["trainer"].global_step == 4 and math.isfinite(metrics["train/loss"])
     assert len(calls) == 4  # one batched pass per training step
     assert objects["model"].teacher.model.visual.pool_type == "tok"

@@ -151,6 +151,8 @@ def test_attention_encoder_needs_a_cls_pooled_teacher() -> None:
     from zeroseg.toy.clip import toy_model_cfg
 
     images, labels = make_batch()
-    mean_pooled = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg())
+    model_cfg = toy_model_cfg()
+    model_cfg["vision_cfg"]["pool_type"] = "avg"
+    mean_pooled = CLIPTeacher(arch="toy", random_init=True, model_cfg=model_cfg)
     with pytest.raises(ValueError, match="CLS-pooled teacher"):
         encode_regions(mean_pooled, images, labels, encoder="attention")

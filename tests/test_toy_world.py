@@ -27,24 +27,25 @@ from conftest import TINY_OVERRIDES, repo_root, subprocess_env
 # because colour alone separates most regions; the floor sits between the two, so it demands
 # what pretraining adds, with room for platform noise.
 PSEUDO_MASK_IOU_FLOOR = 46.0
-# dense zero-shot mIoU of each shipped model's patch tokens (README "The toy world")
-DENSE_MIOU_FLOOR = {"toy": 50.0, "toy_cls": 50.0}
+# the issue's bar for the dense tokens (session 1's mean-pooled model: 52.0)
+DENSE_MIOU_FLOOR = 50.0
 ATTENTION_REGION_FLOOR = 70.0
 
 
-# the shipped toy CLIPs: clip=toy pools by the mean of its patch tokens, clip=toy_cls by its CLS token
-SHIPPED_TOY_CLIPS = ("toy", "toy_cls")
+# fresh images of the evaluation: 1,280 crops and 320 scenes (~1,000 regions; fewer leave the
+# unseen accuracies a few points of sampling noise apart)
+EVALUATION_IMAGES = 1280
 
 
-@pytest.fixture(scope="module", params=SHIPPED_TOY_CLIPS)
-def toy_evaluation(request) -> dict[str, float]:
+@pytest.fixture(scope="module")
+def toy_evaluation() -> dict[str, float]:
     # a seed range no other code uses: the pretraining script reports on SEED_BASES["test"]
-    cfg = compose_config("train", [f"clip={request.param}"], "/tmp/unused")
+    cfg = compose_config("train", ["clip=toy"], "/tmp/unused")
     teacher = hydra.utils.instantiate(cfg.clip, cache_dir=None)
     split = cfg.dataset.split
     return evaluate_toy_clip(
-        teacher, list(split.class_names), list(split.unseen_class_names), seed_base=SEED_BASES["test_suite"]
-    ) | {"clip": request.param}
+        teacher, list(split.class_names), list(split.unseen_class_names), EVALUATION_IMAGES, seed_base=SEED_BASES["test_suite"]
+    )
 
 
 def test_shipped_toy_clip_classifies_fresh_crops(toy_evaluation) -> None:
@@ -57,11 +58,8 @@ def test_shipped_toy_clip_classifies_masked_ground_truth_regions(toy_evaluation)
     assert toy_evaluation["masked_region_accuracy_unseen"] >= 90.0
 
 
-def test_cls_toy_clip_pools_by_its_cls_token_and_serves_the_attention_region_encoder(toy_evaluation) -> None:
-    if toy_evaluation["clip"] != "toy_cls":
-        assert "attention_region_accuracy_seen" not in toy_evaluation  # mean-pooled: no CLS token to copy
-        return
-    assert toy_model_cfg("toy_cls")["vision_cfg"]["pool_type"] == "tok"
+def test_shipped_toy_clip_pools_by_its_cls_token_and_serves_the_attention_region_encoder(toy_evaluation) -> None:
+    assert toy_model_cfg()["vision_cfg"]["pool_type"] == "tok"
     # chance is 1/16; the one-pass encoder sees 4x4-8x8 token masks of the regions
     assert toy_evaluation["attention_region_accuracy_seen"] >= ATTENTION_REGION_FLOOR
     assert toy_evaluation["attention_region_accuracy_unseen"] >= ATTENTION_REGION_FLOOR
@@ -69,20 +67,19 @@ def test_cls_toy_clip_pools_by_its_cls_token_and_serves_the_attention_region_enc
 
 def test_shipped_toy_clip_dense_tokens_cluster_into_regions(toy_evaluation) -> None:
     assert toy_evaluation["kmeans_best_match_iou"] >= PSEUDO_MASK_IOU_FLOOR
-    assert toy_evaluation["dense_zero_shot_mIoU"] >= DENSE_MIOU_FLOOR[toy_evaluation["clip"]]
+    assert toy_evaluation["dense_zero_shot_mIoU"] >= DENSE_MIOU_FLOOR
     cfg = compose_config("train", [], "/tmp/unused")
-    untrained = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg(toy_evaluation["clip"]))
+    untrained = CLIPTeacher(arch="toy", random_init=True, model_cfg=toy_model_cfg())
     split = cfg.dataset.split
     random_iou = evaluate_toy_clip(
-        untrained, list(split.class_names), list(split.unseen_class_names), seed_base=SEED_BASES["test_suite"]
+        untrained, list(split.class_names), list(split.unseen_class_names), EVALUATION_IMAGES, seed_base=SEED_BASES["test_suite"]
     )
     assert toy_evaluation["kmeans_best_match_iou"] > random_iou["kmeans_best_match_iou"]
     assert toy_evaluation["dense_zero_shot_mIoU"] > random_iou["dense_zero_shot_mIoU"] + 20
 
 
-@pytest.mark.parametrize("clip", SHIPPED_TOY_CLIPS)
-def test_shipped_weights_are_small_fp16_safetensors(clip: str) -> None:
-    path = Path(compose_config("train", [f"clip={clip}"], "/tmp/unused").clip.pretrained)
+def test_shipped_weights_are_small_fp16_safetensors() -> None:
+    path = Path(compose_config("train", ["clip=toy"], "/tmp/unused").clip.pretrained)
     assert path.suffix == ".safetensors" and path.stat().st_size < 15e6
     from safetensors.torch import load_file
 
@@ -192,11 +189,12 @@ def test_benchmark_arguments_are_split_between_the_benchmark_and_every_run(tmp_p
         load_benchmark_config("toy", ["seed=3"])
     with pytest.raises(ValueError, match="method is chosen per run.*methods="):
         load_benchmark_config("toy", ["method=c2s"])
-    rows = benchmark_rows(load_benchmark_config("toy", ["methods=[c2s,baseline]", "method_overrides={baseline: [clip=toy_cls]}"]))
+    arguments = ["methods=[c2s,baseline]", "method_overrides={baseline: [backbone=resnet10t]}"]
+    rows = benchmark_rows(load_benchmark_config("toy", arguments))
     assert [(r.name, r.method, r.overrides) for r in rows] == [
         ("c2s", "c2s", []),
-        ("c2s (attention encoder)", "c2s", ["clip=toy_cls", "method.region_encoder=attention"]),
-        ("baseline", "baseline", ["clip=toy_cls"]),
+        ("c2s (attention encoder)", "c2s", ["method.region_encoder=attention"]),
+        ("baseline", "baseline", ["backbone=resnet10t"]),
         ("oracle (c2s, all labels)", "c2s", ["dataset.setting=supervised"]),
     ]
     with pytest.raises(ValueError, match=r"benchmark.methods names \['nope'\]"):
