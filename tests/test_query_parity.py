@@ -251,3 +251,41 @@ def test_decoder_attention_and_ffn_weights_are_xavier_uniform() -> None:
     for embedding in (decoder.query_feat, decoder.query_pos, decoder.level_embed):  # nn.Embedding: N(0, 1)
         assert isinstance(embedding, nn.Embedding)
         assert float(embedding.weight.std()) == pytest.approx(1.0, abs=0.12)
+
+
+# -- ignore pixels in the mask losses (an option; Mask2Former's default treats them as background) -----
+def _pixel_centres_of_2x2(*shape: int, **_: object) -> torch.Tensor:
+    """``torch.rand`` stand-in: the four pixel centres of a 2x2 map, (x, y) in [0, 1], tiled."""
+    centres = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+    return centres.repeat(shape[1] // 4, 1).expand(shape[0], -1, -1).clone()
+
+
+@pytest.mark.parametrize("ignore_pixels", ["background", "exclude"])
+def test_ignore_pixels_are_background_or_left_out_of_the_mask_costs_and_losses(monkeypatch, ignore_pixels: str) -> None:
+    from zeroseg.toolkit.matching import targets_from_labels
+
+    monkeypatch.setattr(torch, "rand", _pixel_centres_of_2x2)
+    labels = torch.tensor([[[0, 255], [0, 255]]])  # the right column is ignore (an unseen region)
+    targets = targets_from_labels(labels, 255)
+    logits = [[2.0, -1.0], [1.0, 3.0]]  # row-major: (x=0,y=0), (x=1,y=0), (x=0,y=1), (x=1,y=1)
+    mask_logits = torch.tensor([[logits]])
+    pixels = [(2.0, 1.0), (-1.0, 0.0), (1.0, 1.0), (3.0, 0.0)]  # (logit, target) at the four centres
+    if ignore_pixels == "exclude":
+        pixels = [pixels[0], pixels[2]]  # the ignore column leaves the sums
+    bce = sum(F.softplus(torch.tensor(x)).item() - x * t for x, t in pixels) / len(pixels)
+    probs = [torch.sigmoid(torch.tensor(x)).item() for x, _ in pixels]
+    dice = 1 - (2 * sum(p * t for p, (_, t) in zip(probs, pixels)) + 1) / (sum(probs) + sum(t for _, t in pixels) + 1)
+
+    matcher = HungarianMatcher(num_points=4, ignore_pixels=ignore_pixels)
+    terms = matcher.cost_terms(torch.zeros(1, 1, 2), mask_logits, targets)
+    assert float(terms["mask"][0, 0, 0]) == pytest.approx(bce, rel=1e-5)
+    assert float(terms["dice"][0, 0, 0]) == pytest.approx(dice, rel=1e-5)
+    criterion = SetCriterion(matcher, num_points=4, oversample_ratio=1.0, importance_ratio=0.0, ignore_pixels=ignore_pixels)
+    losses = criterion.layer_losses(None, mask_logits, targets, [(torch.tensor([0]), torch.tensor([0]))], 1.0)
+    assert float(losses["mask"]) == pytest.approx(5.0 * bce, rel=1e-5)
+    assert float(losses["dice"]) == pytest.approx(5.0 * dice, rel=1e-5)
+
+
+def test_unknown_ignore_pixels_option_names_the_key() -> None:
+    with pytest.raises(ValueError, match=r"method.criterion.ignore_pixels='drop' is not one of \['background', 'exclude'\]"):
+        SetCriterion(HungarianMatcher(), ignore_pixels="drop")  # type: ignore[arg-type]

@@ -70,17 +70,39 @@ class Targets:
     classes: list[Tensor]
     masks: list[Tensor]
     groups: Optional[list[Tensor]] = None
+    # per image (H, W) float, 1 where the label is ignore (unseen classes in inductive training, padding)
+    ignore: Optional[list[Tensor]] = None
 
 
 def targets_from_labels(labels: Tensor, ignore_index: int = 255) -> Targets:
-    """One segment per class present in each label map ``(B, H, W)`` (ignore pixels belong to none)."""
+    """One segment per class present in each label map ``(B, H, W)`` (ignore pixels belong to none and
+    are recorded in ``Targets.ignore``)."""
     classes, masks = [], []
     for label in labels:
         present = torch.unique(label)
         present = present[present != ignore_index]
         classes.append(present)
         masks.append((label.unsqueeze(0) == present.view(-1, 1, 1)).float())
-    return Targets(classes, masks)
+    return Targets(classes, masks, ignore=[(label == ignore_index).float() for label in labels])
+
+
+IgnorePixels = Literal["background", "exclude"]
+IGNORE_PIXELS: tuple[str, ...] = ("background", "exclude")
+
+
+def check_ignore_pixels(ignore_pixels: str, key: str) -> str:
+    """``ignore_pixels`` if it is one of :data:`IGNORE_PIXELS`, else a ``ValueError`` naming ``key``."""
+    if ignore_pixels not in IGNORE_PIXELS:
+        raise ValueError(f"{key}={ignore_pixels!r} is not one of {list(IGNORE_PIXELS)}")
+    return ignore_pixels
+
+
+def _point_validity(targets: Targets, image_index: Tensor, coords: Tensor, padding_mode: PaddingMode) -> Tensor:
+    """``(N, P)`` weights: 1 at points whose label is not ignore (bilinear, so 0–1 at ignore borders)."""
+    if targets.ignore is None:
+        raise ValueError("ignore_pixels='exclude' needs Targets.ignore (targets_from_labels records it)")
+    ignore = torch.stack([targets.ignore[int(b)] for b in image_index]).unsqueeze(1).float()
+    return 1.0 - point_sample(ignore, coords, padding_mode).squeeze(1)
 
 
 def point_sample(inputs: Tensor, coords: Tensor, padding_mode: PaddingMode = "zeros") -> Tensor:
@@ -112,16 +134,21 @@ def uncertain_point_coords(
     return coords
 
 
-def _bce_cost(logits: Tensor, targets: Tensor) -> Tensor:
+def _bce_cost(logits: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Mean BCE over points of every (prediction, target) pair: ``(..., Q, P), (..., T, P) → (..., Q, T)``.
 
-    ``BCE(x, t) = softplus(x) − x·t``, so the pair matrix is one row sum and one matmul.
+    ``BCE(x, t) = softplus(x) − x·t``, so the pair matrix is one row sum and one matmul. ``valid
+    (..., 1, P)`` weights the points (the mean is over the valid ones).
     """
-    return (F.softplus(logits).sum(-1, keepdim=True) - logits @ targets.transpose(-1, -2)) / logits.shape[-1]
+    if valid is None:
+        return (F.softplus(logits).sum(-1, keepdim=True) - logits @ targets.transpose(-1, -2)) / logits.shape[-1]
+    weighted = logits * valid
+    total = (F.softplus(logits) * valid).sum(-1, keepdim=True) - weighted @ targets.transpose(-1, -2)
+    return total / valid.sum(-1, keepdim=True).clamp_min(1e-6)
 
 
-def _dice_cost(logits: Tensor, targets: Tensor) -> Tensor:
-    probs = logits.sigmoid()
+def _dice_cost(logits: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    probs = logits.sigmoid() if valid is None else logits.sigmoid() * valid
     numerator = 2 * probs @ targets.transpose(-1, -2)
     denominator = probs.sum(-1).unsqueeze(-1) + targets.sum(-1).unsqueeze(-2)
     return 1 - (numerator + 1) / (denominator + 1)
@@ -134,6 +161,8 @@ class HungarianMatcher(nn.Module):
         cost_class / cost_mask / cost_dice: weights of the three terms (2 / 5 / 5, Mask2Former).
         num_points: uniformly sampled points shared by predictions and targets (12,544).
         padding_mode: point sampling at the border, ``zeros`` (detectron2's) or ``border``.
+        ignore_pixels: ``background`` (Mask2Former: an ignore pixel is outside every target mask) or
+            ``exclude`` (points on ignore pixels do not count in the mask costs).
     """
 
     def __init__(
@@ -143,10 +172,12 @@ class HungarianMatcher(nn.Module):
         cost_dice: float = 5.0,
         num_points: int = 12544,
         padding_mode: PaddingMode = "zeros",
+        ignore_pixels: IgnorePixels = "background",
     ) -> None:
         super().__init__()
         self.cost_class, self.cost_mask, self.cost_dice, self.num_points = cost_class, cost_mask, cost_dice, num_points
         self.padding_mode = check_padding_mode(padding_mode, "method.matcher.padding_mode")
+        self.ignore_pixels = check_ignore_pixels(ignore_pixels, "method.matcher.ignore_pixels")
 
     @torch.no_grad()
     def cost_terms(self, class_logits: Optional[Tensor], mask_logits: Tensor, targets: Targets) -> dict[str, Tensor]:
@@ -163,7 +194,11 @@ class HungarianMatcher(nn.Module):
             if len(classes):
                 wanted[b, : len(classes)] = point_sample(masks.unsqueeze(0).float(), coords, self.padding_mode)[0]
                 labels[b, : len(classes)] = classes
-        terms = {"mask": _bce_cost(predicted, wanted), "dice": _dice_cost(predicted, wanted)}
+        valid = None
+        if self.ignore_pixels == "exclude":
+            image_index = torch.arange(batch, device=mask_logits.device)
+            valid = _point_validity(targets, image_index, coords.expand(batch, -1, -1), self.padding_mode).unsqueeze(1)
+        terms = {"mask": _bce_cost(predicted, wanted, valid), "dice": _dice_cost(predicted, wanted, valid)}
         if class_logits is not None:
             probs = class_logits.float().softmax(-1)
             terms["class"] = -torch.gather(probs, 2, labels.unsqueeze(1).expand(-1, queries, -1))
@@ -220,10 +255,16 @@ class HungarianMatcher(nn.Module):
         return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)
 
 
-def _mask_losses(logits: Tensor, targets: Tensor, num_masks: float) -> tuple[Tensor, Tensor]:
-    """BCE (mean over points) and dice of matched point logits ``(N, P)``, summed over masks / num_masks."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() / num_masks
-    probs = logits.sigmoid()
+def _mask_losses(logits: Tensor, targets: Tensor, num_masks: float, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """BCE (mean over points) and dice of matched point logits ``(N, P)``, summed over masks / num_masks;
+    ``valid (N, P)`` weights the points (the mean is over the valid ones)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if valid is None:
+        bce = bce.mean(1).sum() / num_masks
+        probs = logits.sigmoid()
+    else:
+        bce = ((bce * valid).sum(1) / valid.sum(1).clamp_min(1e-6)).sum() / num_masks
+        probs = logits.sigmoid() * valid
     dice = 1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
     return bce, dice.sum() / num_masks
 
@@ -238,6 +279,9 @@ class SetCriterion(nn.Module):
         no_object_weight: CE weight of the no-object class (0.1).
         num_points / oversample_ratio / importance_ratio: training points (12,544 / 3 / 0.75).
         padding_mode: point sampling at the border, ``zeros`` (detectron2's) or ``border``.
+        ignore_pixels: ``background`` (Mask2Former's semantic targets: an ignore pixel is outside every
+            mask, so unseen regions of inductive training are taught as no segment) or ``exclude``
+            (points on ignore pixels leave the mask losses, as ignore pixels leave a per-pixel CE).
     """
 
     def __init__(
@@ -251,10 +295,12 @@ class SetCriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_ratio: float = 0.75,
         padding_mode: PaddingMode = "zeros",
+        ignore_pixels: IgnorePixels = "background",
     ) -> None:
         super().__init__()
         self.matcher = matcher
         self.padding_mode = check_padding_mode(padding_mode, "method.criterion.padding_mode")
+        self.ignore_pixels = check_ignore_pixels(ignore_pixels, "method.criterion.ignore_pixels")
         self.class_weight, self.mask_weight, self.dice_weight = class_weight, mask_weight, dice_weight
         self.no_object_weight = no_object_weight
         self.num_points, self.oversample_ratio, self.importance_ratio = num_points, oversample_ratio, importance_ratio
@@ -290,8 +336,12 @@ class SetCriterion(nn.Module):
                 predicted.float(), self.num_points, self.oversample_ratio, self.importance_ratio, self.padding_mode
             )
             point_targets = point_sample(wanted.unsqueeze(1).float(), coords, self.padding_mode).squeeze(1)
+            valid = None
+            if self.ignore_pixels == "exclude":
+                image_index = torch.cat([torch.full((len(rows),), b) for b, (rows, _) in enumerate(matches)])
+                valid = _point_validity(targets, image_index, coords, self.padding_mode)
         point_logits = point_sample(predicted.unsqueeze(1).float(), coords, self.padding_mode).squeeze(1)
-        bce, dice = _mask_losses(point_logits, point_targets, num_masks)
+        bce, dice = _mask_losses(point_logits, point_targets, num_masks, valid)
         losses["mask"], losses["dice"] = self.mask_weight * bce, self.dice_weight * dice
         return losses
 
