@@ -208,7 +208,7 @@ def test_query_baseline_trains_end_to_end_and_writes_metrics(make_cfg) -> None:
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert math.isfinite(written["mIoU"]) and len(written["per_class_iou"]) == 16
     model = objects["model"]
-    assert model._lr_multiplier("backbone.model.conv1.weight") == 0.1
+    assert model._lr_multiplier("backbone.model.conv1.weight") == 1.0  # toy setting: random backbone at the full LR
     with torch.no_grad():
         scores = model.predict_logits(torch.rand(1, 3, 64, 64), model.class_text_embeddings)
     assert scores.shape[1] == 16 and bool((scores >= 0).all())
@@ -220,4 +220,22 @@ def test_query_baseline_recipes_compose(make_cfg, name: str, steps: int) -> None
     assert cfg.method.segmenter.num_queries == 100 and cfg.method.segmenter.dim == 256
     assert cfg.method.segmenter.decoder_layers == 9 and cfg.method.matcher.num_points == 12544
     assert cfg.method.optimizer.lr == 1.0e-4 and dict(cfg.method.lr_multipliers) == {"backbone": 0.1}
+    assert cfg.method.input_scale == 1.0  # the toy setting's x2 never reaches a paper recipe
     assert cfg.trainer.max_steps == steps and cfg.dataset.batch_size == 16 and cfg.backbone.model_name == "resnet101"
+
+
+def test_input_scale_resizes_what_the_backbone_sees_and_scores_stay_at_the_input_size(make_cfg) -> None:
+    from zeroseg.build import build_run
+
+    model = build_run(make_cfg([*QUERY, "method.input_scale=2"]), with_callbacks=False)["model"].eval()
+    seen_sizes = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: seen_sizes.append(tuple(inputs[0].shape[-2:])))
+    images = torch.rand(2, 3, 32, 48)
+    embeddings = torch.nn.functional.normalize(torch.randn(5, model.teacher.embed_dim), dim=-1)
+    with torch.no_grad():
+        scores = model.predict_logits(images, embeddings)
+        masks = model.predictions(images, embeddings)[-1].mask_logits
+    assert seen_sizes == [(64, 96), (64, 96)]
+    assert scores.shape == (2, 5, 32, 48) and masks.shape[-2:] == (16, 24)  # 1/4 of the resized images
+    with pytest.raises(ValueError, match=r"method.input_scale=0: expected a positive factor"):
+        build_run(make_cfg([*QUERY, "method.input_scale=0"], subdir="bad"), with_callbacks=False)
