@@ -339,3 +339,21 @@ def test_prepare_help_answers_without_importing_lightning() -> None:
     probe = "import sys, zeroseg.data.prepare, zeroseg.data.verify; print(sorted(m for m in sys.modules if 'lightning' in m))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_a_non_finite_validation_score_never_becomes_the_best_checkpoint(tmp_path: Path, monkeypatch, caplog) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from zeroseg.callbacks import RunCheckpoint
+
+    offered = []
+    monkeypatch.setattr(ModelCheckpoint, "_save_topk_checkpoint", lambda self, trainer, candidates: offered.append(candidates))
+    callback = RunCheckpoint(dirpath=str(tmp_path), monitor="val/hIoU", mode="max")
+    trainer = SimpleNamespace(global_step=6, max_steps=10)
+    with caplog.at_level(logging.WARNING):
+        for value in (float("nan"), float("inf"), 0.5):
+            callback._save_topk_checkpoint(trainer, {"val/hIoU": torch.tensor(value)})
+    assert [float(c["val/hIoU"]) for c in offered] == [0.5]  # only the finite score reaches the top-k logic
+    assert "val/hIoU is nan" in caplog.text and "not a candidate for the best checkpoint" in caplog.text
