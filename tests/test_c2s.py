@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroseg.build import build_run
-from zeroseg.methods.c2s import attention_pooled_feature, region_means
+from zeroseg.toolkit.dense import attention_pooled_feature, region_means
 from zeroseg.toolkit.losses import dice_loss, info_nce, softmax_focal_loss
 from zeroseg.train import train
 

@@ -156,7 +156,7 @@ def test_selection_with_zero_noise_is_the_true_top_k_and_pooling_by_hand() -> No
         weights = torch.softmax(scores[top], dim=0)
         torch.testing.assert_close(pooled[b], features[b][:, top] @ weights)
     # with all positions and no noise it is CLIP-to-Seg's attention pooling
-    from zeroseg.methods.c2s import attention_pooled_feature
+    from zeroseg.toolkit.dense import attention_pooled_feature
 
     torch.testing.assert_close(
         selective_global_feature(features, cls, 30, 0.07, torch.zeros(2, 30)), attention_pooled_feature(features, cls)

@@ -211,3 +211,18 @@ def test_no_lower_layer_imports_a_method_or_the_training_entry_points() -> None:
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), check=True)
     assert output.stdout.strip() == "[]", output.stdout
+
+
+def test_methods_never_import_each_other() -> None:
+    # a piece two methods need lives in toolkit/ or models/ (methods may use only their base class)
+    import ast
+
+    methods_dir = repo_root() / "src" / "zeroseg" / "methods"
+    modules = {path.stem for path in methods_dir.glob("*.py")} - {"__init__", "base"}
+    offenders = []
+    for path in sorted(methods_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])]
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and path.stem != "__init__":
+                offenders += [(path.name, n) for n in names if n.startswith("zeroseg.methods.") and n.split(".")[2] in modules]
+    assert offenders == []

@@ -17,15 +17,9 @@ from torch import Tensor, nn
 
 from zeroseg.methods.base import ZSSMethod
 from zeroseg.models.backbones import Backbone
+from zeroseg.toolkit.dense import cosine_logits
 
-__all__ = ["Baseline", "cosine_logits"]
-
-
-def cosine_logits(pixel_embeddings: Tensor, class_embeddings: Tensor, temperature: float) -> Tensor:
-    """``cos(pixel, class) / temperature`` for embeddings ``(B, D, h, w)`` and ``(C, D)`` → ``(B, C, h, w)``."""
-    pixels = F.normalize(pixel_embeddings, dim=1)
-    classes = F.normalize(class_embeddings, dim=-1).to(pixels.dtype)
-    return (pixels.permute(0, 2, 3, 1) @ classes.t()).permute(0, 3, 1, 2) / temperature
+__all__ = ["Baseline"]
 
 
 class Baseline(ZSSMethod):

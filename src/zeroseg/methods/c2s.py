@@ -29,7 +29,6 @@ Knobs the paper leaves open (METHODS.md defaults): τ = 0.07, α = 1/0.07, β = 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -37,31 +36,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroseg.methods.base import ZSSMethod
-from zeroseg.methods.baseline import cosine_logits
 from zeroseg.models.backbones import Backbone
 from zeroseg.toolkit import TokenBank, encode_regions, generate_pseudo_masks
+from zeroseg.toolkit.dense import (
+    attention_pooled_feature,
+    cosine_logits,
+    latent_class_embeddings,
+    region_means,
+    seen_and_latent_logits,
+)
 from zeroseg.toolkit.losses import dice_loss, info_nce, softmax_focal_loss
 
-__all__ = ["CLIPToSeg", "attention_pooled_feature", "latent_class_embeddings", "region_means", "seen_and_latent_logits"]
-
-
-def attention_pooled_feature(features: Tensor, query: Tensor) -> Tensor:
-    """``F_g = softmax(qᵀF/√D)·Fᵀ`` (Sec. III-C): ``features (B, D, L)``, ``query (B, D)`` → ``(B, D)``."""
-    weights = torch.softmax((query.unsqueeze(1) @ features).squeeze(1) / math.sqrt(features.shape[1]), dim=-1)
-    return (features @ weights.unsqueeze(-1)).squeeze(-1)
-
-
-def region_means(features: Tensor, labels: Tensor, region_labels: Tensor, region_valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. 5: mean of ``features (B, D, h, w)`` over each region ``labels == region_labels[b, r]``.
-
-    ``labels`` are at the feature resolution. Returns the means ``(B, R, D)`` and the pixel
-    counts ``(B, R)`` (0 for padding and for regions too small to reach the feature grid).
-    """
-    masks = labels.flatten(1).unsqueeze(1) == region_labels.unsqueeze(-1)  # (B, R, L)
-    masks = (masks & region_valid.unsqueeze(-1)).to(features.dtype)
-    counts = masks.sum(-1)
-    means = (masks @ features.flatten(2).transpose(1, 2)) / counts.clamp_min(1).unsqueeze(-1)
-    return means, counts
+__all__ = ["CLIPToSeg"]
 
 
 class CLIPToSeg(ZSSMethod):
@@ -201,54 +187,3 @@ class CLIPToSeg(ZSSMethod):
         return seen_and_latent_logits(
             features, self.train_text_embeddings, pseudo, num_seen, latent, self.alpha, self.beta, self.ignore_index
         )
-
-
-def latent_class_embeddings(
-    region_embeddings: Tensor, region_labels: Tensor, is_latent: Tensor, num_seen: int
-) -> tuple[Tensor, Tensor]:
-    """Scatter per-region embeddings ``(B, R, D)`` of latent regions to ``(B, G, D)`` indexed by
-    latent class ``label - num_seen``, with ``valid (B, G)`` marking the classes an image has."""
-    image_index, slot = torch.nonzero(is_latent, as_tuple=True)
-    latent_class = region_labels[image_index, slot] - num_seen
-    num_latent = int(latent_class.max()) + 1
-    batch = region_embeddings.shape[0]
-    embeddings = region_embeddings.new_zeros(batch, num_latent, region_embeddings.shape[-1])
-    valid = torch.zeros(batch, num_latent, dtype=torch.bool, device=region_embeddings.device)
-    embeddings = embeddings.index_put((image_index, latent_class), region_embeddings[image_index, slot])
-    valid[image_index, latent_class] = True
-    return embeddings, valid
-
-
-def seen_and_latent_logits(
-    features: Tensor,
-    seen_embeddings: Tensor,
-    pseudo: Tensor,
-    num_seen: int,
-    latent: Optional[tuple[Tensor, Tensor]],
-    seen_scale: float,
-    latent_scale: float,
-    ignore_index: int,
-) -> tuple[Tensor, Tensor]:
-    """Logits ``cat(seen_scale·cos(F, A_s), latent_scale·cos(F, latent_b))`` at label resolution and
-    the matching target, for pseudo labels where latent class ``j`` of an image is ``num_seen + j``.
-
-    ``latent`` = ``(embeddings (B, G, D), valid (B, G))`` or ``None`` (no latent region in the
-    batch: seen classes only, latent pixels ignored). Latent classes an image lacks get ``-inf``;
-    a latent pixel whose class has no embedding (a region below the feature grid) is ignored.
-    """
-    logits = cosine_logits(features, seen_embeddings, 1 / seen_scale)
-    is_latent_pixel = (pseudo >= num_seen) & (pseudo != ignore_index)
-    if latent is None:
-        target = torch.where(is_latent_pixel, torch.full_like(pseudo, ignore_index), pseudo)
-        return ZSSMethod.resize_to(logits, pseudo.shape[-2:]), target
-    embeddings, valid = latent
-    pixels = F.normalize(features, dim=1)
-    latent_logits = latent_scale * torch.einsum("bdhw,bgd->bghw", pixels, F.normalize(embeddings, dim=-1))
-    # resize before masking absent latent classes with -inf (interpolating -inf gives NaN)
-    logits = ZSSMethod.resize_to(torch.cat([logits, latent_logits], dim=1), pseudo.shape[-2:])
-    absent = torch.cat([valid.new_zeros(valid.shape[0], num_seen), ~valid], dim=1)
-    logits = logits.masked_fill(absent.view(*absent.shape, 1, 1), float("-inf"))
-    latent_index = (pseudo - num_seen).clamp(0, valid.shape[1] - 1)
-    has_embedding = torch.gather(valid, 1, latent_index.flatten(1)).view_as(pseudo)
-    target = torch.where(is_latent_pixel & ~has_embedding, torch.full_like(pseudo, ignore_index), pseudo)
-    return logits, target

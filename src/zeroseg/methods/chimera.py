@@ -39,11 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroseg.methods.base import ZSSMethod
-from zeroseg.methods.baseline import cosine_logits
-from zeroseg.methods.c2s import latent_class_embeddings, region_means, seen_and_latent_logits
 from zeroseg.models.backbones import Backbone
 from zeroseg.models.clip_semantic_head import CLIPSemanticHead
 from zeroseg.toolkit import gather_across_ranks, generate_pseudo_masks, padded_regions
+from zeroseg.toolkit.dense import cosine_logits, latent_class_embeddings, region_means, seen_and_latent_logits
 from zeroseg.toolkit.losses import info_nce, softmax_focal_loss
 
 __all__ = ["ChimeraSeg", "scheduled_top_k", "selective_global_feature", "semantic_alignment_loss"]
