@@ -51,11 +51,16 @@ InferenceOrder = Literal["upsample_first", "score_first"]
 INFERENCE_ORDERS: tuple[str, ...] = ("upsample_first", "score_first")
 
 
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` naming ``key`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {list(choices)}")
+    return value
+
+
 def check_padding_mode(padding_mode: str, key: str = "padding_mode") -> str:
     """``padding_mode`` if it is one of :data:`PADDING_MODES`, else a ``ValueError`` naming ``key``."""
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"{key}={padding_mode!r} is not one of {list(PADDING_MODES)}")
-    return padding_mode
+    return _check_choice(padding_mode, PADDING_MODES, key)
 
 
 class NonFiniteCostError(FloatingPointError):
@@ -92,9 +97,7 @@ IGNORE_PIXELS: tuple[str, ...] = ("background", "exclude")
 
 def check_ignore_pixels(ignore_pixels: str, key: str) -> str:
     """``ignore_pixels`` if it is one of :data:`IGNORE_PIXELS`, else a ``ValueError`` naming ``key``."""
-    if ignore_pixels not in IGNORE_PIXELS:
-        raise ValueError(f"{key}={ignore_pixels!r} is not one of {list(IGNORE_PIXELS)}")
-    return ignore_pixels
+    return _check_choice(ignore_pixels, IGNORE_PIXELS, key)
 
 
 def _point_validity(targets: Targets, image_index: Tensor, coords: Tensor, padding_mode: PaddingMode) -> Tensor:
