@@ -197,6 +197,25 @@ def test_every_parameter_gets_a_gradient_and_class_agnostic_modes_train_with_mas
     assert missing == []
 
 
+def test_conv_dim_sets_the_pixel_decoder_width_apart_from_the_transformer_decoder() -> None:
+    """Mask2Former's CONVS_DIM vs HIDDEN_DIM: a narrower pixel decoder feeds the decoder through one 1x1
+    input projection per level (its own weights); the default (None) keeps one width, no projection."""
+    channels, strides = [8, 16, 24, 32], [4, 8, 16, 32]
+    sizes = dict(joint_dim=12, dim=32, mask_dim=16, num_queries=5, decoder_layers=3, heads=4, ffn_dim=32,
+                 encoder_layers=1, encoder_ffn_dim=32)  # fmt: skip
+    features = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip(channels, strides)]
+    narrow = QuerySegmenter(channels, strides, conv_dim=16, **sizes)
+    mask_features, multi_scale = narrow.pixel_decoder(features)
+    assert [f.shape[1] for f in multi_scale] == [16, 16, 16] and mask_features.shape[1] == 16
+    projections = list(narrow.decoder.input_proj)
+    assert len(projections) == 3 and len({id(p.weight) for p in projections}) == 3
+    assert all(isinstance(p, torch.nn.Conv2d) and (p.in_channels, p.out_channels) == (16, 32) for p in projections)
+    assert narrow(features, torch.randn(3, 12))[-1].mask_logits.shape == (2, 5, 16, 16)
+    same = QuerySegmenter(channels, strides, **sizes)
+    assert [f.shape[1] for f in same.pixel_decoder(features)[1]] == [32, 32, 32]
+    assert all(isinstance(p, torch.nn.Identity) for p in same.decoder.input_proj)
+
+
 def test_query_baseline_trains_end_to_end_and_writes_metrics(make_cfg) -> None:
     from zeroseg.train import train
 

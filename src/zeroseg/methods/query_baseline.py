@@ -44,7 +44,11 @@ class QuerySegmenter(nn.Module):
         joint_dim: CLIP joint dimension (class embeddings).
         pixel_decoder: ``msdeform`` | ``fpn``; decoder: ``mask2former`` | ``maskformer``.
         class_head: ``text`` | ``objectness`` | ``none`` (class-agnostic proposal networks).
-        dim / mask_dim / num_queries / decoder_layers / heads / ffn_dim: decoder sizes.
+        dim / mask_dim / num_queries / decoder_layers / heads / ffn_dim: decoder sizes (``dim`` is
+            Mask2Former's ``HIDDEN_DIM``, the transformer decoder's width).
+        conv_dim: the pixel decoder's width (Mask2Former's ``CONVS_DIM``); ``None`` = ``dim`` (both
+            256 in Mask2Former). A narrower pixel decoder is cheap: its 3×3 output conv at 1/4
+            dominates the stack's cost on small images.
         encoder_layers / encoder_points / encoder_ffn_dim: the deformable encoder.
         temperature: cosine temperature of the text classifier.
     """
@@ -67,21 +71,23 @@ class QuerySegmenter(nn.Module):
         encoder_points: int = 4,
         encoder_ffn_dim: int = 1024,
         temperature: float = 0.07,
+        conv_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
+        conv_dim = dim if conv_dim is None else conv_dim
         if pixel_decoder == "msdeform":
             self.pixel_decoder: nn.Module = MSDeformPixelDecoder(
-                backbone_channels, backbone_strides, dim, mask_dim, encoder_layers, heads, encoder_points, encoder_ffn_dim
+                backbone_channels, backbone_strides, conv_dim, mask_dim, encoder_layers, heads, encoder_points, encoder_ffn_dim
             )
         elif pixel_decoder == "fpn":
-            self.pixel_decoder = FPNPixelDecoder(backbone_channels, backbone_strides, dim, mask_dim)
+            self.pixel_decoder = FPNPixelDecoder(backbone_channels, backbone_strides, conv_dim, mask_dim)
         else:
             raise ValueError(f"method.pixel_decoder={pixel_decoder!r} is not one of ['msdeform', 'fpn']")
         query_heads = QueryHeads(dim, mask_dim, joint_dim, class_head, temperature)
         if decoder == "mask2former":
-            self.decoder: nn.Module = Mask2FormerDecoder(query_heads, dim, dim, heads, decoder_layers, ffn_dim, num_queries)
+            self.decoder: nn.Module = Mask2FormerDecoder(query_heads, conv_dim, dim, heads, decoder_layers, ffn_dim, num_queries)
         elif decoder == "maskformer":
-            self.decoder = MaskFormerDecoder(query_heads, dim, dim, heads, decoder_layers, ffn_dim, num_queries)
+            self.decoder = MaskFormerDecoder(query_heads, conv_dim, dim, heads, decoder_layers, ffn_dim, num_queries)
         else:
             raise ValueError(f"method.decoder={decoder!r} is not one of ['mask2former', 'maskformer']")
 

@@ -159,6 +159,7 @@ class _QueryDecoderBase(nn.Module):
         ffn_dim: int,
         dropout: float,
         query_features: bool = True,
+        num_levels: int = 1,
     ) -> None:
         super().__init__()
         self.dim, self.num_queries = dim, num_queries
@@ -169,13 +170,18 @@ class _QueryDecoderBase(nn.Module):
         # Mask2Former learns the initial query features; DETR/MaskFormer start from zeros
         self.query_feat = nn.Embedding(num_queries, dim) if query_features else None
         self.query_pos = nn.Embedding(num_queries, dim)
-        self.input_proj = nn.Identity() if in_channels == dim else nn.Conv2d(in_channels, dim, 1)
-        if isinstance(self.input_proj, nn.Conv2d):
-            caffe2_xavier_fill(self.input_proj)
+        # one 1x1 projection per feature level where the pixel decoder is narrower or wider (Mask2Former's
+        # input_proj list; MaskFormer has one level)
+        self.input_proj = nn.ModuleList(
+            nn.Identity() if in_channels == dim else nn.Conv2d(in_channels, dim, 1) for _ in range(num_levels)
+        )
+        for projection in self.input_proj:
+            if isinstance(projection, nn.Conv2d):
+                caffe2_xavier_fill(projection)
         self.heads = heads_module
 
-    def _memory(self, feature: Tensor, level_embed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        feature = self.input_proj(feature)
+    def _memory(self, feature: Tensor, level: int = 0, level_embed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        feature = self.input_proj[level](feature)
         memory = feature.flatten(2).transpose(1, 2)
         if level_embed is not None:
             memory = memory + level_embed
@@ -211,7 +217,7 @@ class Mask2FormerDecoder(_QueryDecoderBase):
         num_levels: int = 3,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(dim, num_queries, in_channels, heads_module, heads, layers, ffn_dim, dropout)
+        super().__init__(dim, num_queries, in_channels, heads_module, heads, layers, ffn_dim, dropout, num_levels=num_levels)
         self.attention_heads, self.num_levels = heads, num_levels
         self.level_embed = nn.Embedding(num_levels, dim)
 
@@ -220,7 +226,7 @@ class Mask2FormerDecoder(_QueryDecoderBase):
     ) -> list[QueryPrediction]:
         if len(multi_scale) < self.num_levels:
             raise ValueError(f"Mask2FormerDecoder expects {self.num_levels} feature levels, got {len(multi_scale)}")
-        levels = [self._memory(f, self.level_embed.weight[i]) for i, f in enumerate(multi_scale[: self.num_levels])]
+        levels = [self._memory(f, i, self.level_embed.weight[i]) for i, f in enumerate(multi_scale[: self.num_levels])]
         sizes = [f.shape[-2:] for f in multi_scale[: self.num_levels]]
         output, query_pos = self._queries(mask_features.shape[0])
         prediction = self.heads(output, mask_features, class_embeddings)
