@@ -139,7 +139,9 @@ def test_registered_methods_are_discovered() -> None:
 
 
 @pytest.mark.slow
-def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path) -> None:
+def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zeroseg.train import train
+
     # shared by every method, so nothing method-specific
     tiny = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps", "method.", "method="))]
     overrides = "[" + ",".join([*tiny, "clip=toy"]) + "]"
@@ -178,6 +180,23 @@ def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path)
         assert OmegaConf.load(path).trainer.max_steps == 2, path
     metrics = [json.loads(p.read_text()) for p in run_dir.glob("baseline/seed*/metrics.json")]
     assert len(metrics) == 2
+
+    # resume_dir: finished runs are reused, an unfinished one (no record) trains again
+    (run_dir / "baseline" / "seed1" / "benchmark_run.json").unlink()
+    trained = []
+    monkeypatch.setattr("zeroseg.toy.benchmark.train", lambda cfg: trained.append(cfg.seed) or train(cfg))
+    arguments = ["toy", "seeds=[0,1]", "methods=[baseline,clip_zero_shot]", "oracle=true", f"root_dir={tmp_path}",
+                 f"overrides={overrides}", "trainer.max_steps=2", "trainer.val_check_interval=2"]  # fmt: skip
+    resumed = benchmark_main([*arguments, f"resume_dir={run_dir}"])
+    assert trained == [1] and resumed["reused_runs"] == 4
+    again = {row["row"]: row for row in resumed["rows"]}
+    assert again["oracle (baseline, all labels)"]["runs"] == rows["oracle (baseline, all labels)"]["runs"]
+    assert resumed["total_seconds"] == pytest.approx(sum(r["seconds"] for row in resumed["rows"] for r in row["runs"]))
+    # a record made under other overrides is never mixed in silently
+    with pytest.raises(ValueError, match=r"baseline/seed0/benchmark_run.json: this run finished with overrides .*max_steps=2.* but the benchmark would now run it with .*max_steps=3"):
+        benchmark_main([*arguments[:-2], "trainer.max_steps=3", "trainer.val_check_interval=2", f"resume_dir={run_dir}"])
+    with pytest.raises(ValueError, match=r"resume_dir='/nonexistent': no such directory"):
+        benchmark_main([*arguments, "resume_dir=/nonexistent"])
 
 
 def test_benchmark_arguments_are_split_between_the_benchmark_and_every_run(tmp_path: Path) -> None:

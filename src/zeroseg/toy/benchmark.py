@@ -19,6 +19,13 @@ the runs (``<row>/seed<k>``) and, unless ``output_dir=`` is given, the tables
 tables are written with ``output_dir=results``. Progress (row, seed, run k of n, elapsed time) is
 logged before and after every run.
 
+A benchmark takes long; ``resume_dir=<run directory>`` continues one: every run that finished there
+(its ``benchmark_run.json`` record) is reused, the others train, and the tables cover all of them. A
+record whose overrides differ from what the run would get now stops the benchmark with both lists
+(never a silent mix of settings). The same mechanism adds a new method's row to a published
+benchmark without retraining the others. ``Total`` in the table is the sum of the runs' own times,
+so it does not depend on how many invocations it took.
+
 Reference rows bound the problem: ``clip_zero_shot`` (the teacher's own dense prediction, no
 training) from below, and ``oracle`` (the first trainable method trained with
 ``dataset.setting=supervised``, i.e. with unseen labels too) from above. Every row names the
@@ -45,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from zeroseg.eval import evaluate
 from zeroseg.train import train
 from zeroseg.utils import compose_config
+from zeroseg.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +122,29 @@ def _teacher_name(cfg: DictConfig) -> str:
     return f"{cfg.clip.arch}:{pretrained or 'random'}"
 
 
+RUN_RECORD = "benchmark_run.json"
+
+
+def _run_overrides(bench: DictConfig, row: BenchmarkRow, seed: int) -> list[str]:
+    return [f"method={row.method}", f"seed={seed}", *bench.overrides, *row.overrides, *bench.run_overrides]
+
+
+def _finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The record of a run that finished in ``run_dir`` with exactly ``overrides``; ``None`` if none."""
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("overrides") != overrides:
+        raise ValueError(
+            f"{path}: this run finished with overrides {record.get('overrides')}, but the benchmark would now "
+            f"run it with {overrides}; resume into a fresh directory or delete {run_dir}"
+        )
+    return record["run"]
+
+
 def _run_one(bench: DictConfig, run_dir: Path, row: BenchmarkRow, seed: int) -> dict[str, Any]:
-    overrides = [f"method={row.method}", f"seed={seed}", *bench.overrides, *row.overrides, *bench.run_overrides]
+    overrides = _run_overrides(bench, row, seed)
     started = time.perf_counter()
     if row.trainable:
         cfg = compose_config("train", overrides, run_dir, root_dir=bench.root_dir)
@@ -125,7 +154,10 @@ def _run_one(bench: DictConfig, run_dir: Path, row: BenchmarkRow, seed: int) -> 
         cfg = compose_config("eval", eval_overrides, run_dir, root_dir=bench.root_dir)
         metrics, _ = evaluate(cfg)
     seconds = time.perf_counter() - started
-    return {"seed": seed, "seconds": seconds, "teacher": _teacher_name(cfg), **{k: float(metrics[k]) for k in COLUMNS}}
+    run = {"seed": seed, "seconds": seconds, "teacher": _teacher_name(cfg), **{k: float(metrics[k]) for k in COLUMNS}}
+    # written last: a run interrupted before this point is trained again by resume_dir
+    atomic_write_text(run_dir / RUN_RECORD, json.dumps({"overrides": overrides, "run": run}, indent=2) + "\n")
+    return run
 
 
 def _container(node: Any, empty: Any) -> Any:
@@ -173,19 +205,26 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
         "seeds": seeds,
         "overrides": [*bench.overrides, *bench.run_overrides],
         "run_dir": str(run_dir),
+        "reused_runs": 0,
         "rows": [],
     }
     started = time.perf_counter()
     runs_by_row: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
     for index, (row, seed) in enumerate(plan, start=1):
         progress = (bench.name, index, len(plan), row.name, seed)
-        log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
-        run = _run_one(bench, run_dir / _row_directory(row) / f"seed{seed}", row, seed)
+        seed_dir = run_dir / _row_directory(row) / f"seed{seed}"
+        run = _finished_run(seed_dir, _run_overrides(bench, row, seed))
+        if run is not None:
+            log.info("benchmark %s: run %d/%d — %s, seed %d: reused (%s)", *progress, seed_dir / RUN_RECORD)
+            results["reused_runs"] += 1
+        else:
+            log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
+            run = _run_one(bench, seed_dir, row, seed)
+            log.info(
+                "benchmark %s: run %d/%d done — %s, seed %d: hIoU %.2f in %.0f s (elapsed %s)",
+                *progress, run["hIoU"], run["seconds"], _clock(started),
+            )  # fmt: skip
         runs_by_row[row.name].append(run)
-        log.info(
-            "benchmark %s: run %d/%d done — %s, seed %d: hIoU %.2f in %.0f s (elapsed %s)",
-            *progress, run["hIoU"], run["seconds"], _clock(started),
-        )  # fmt: skip
     for row in rows:
         runs = runs_by_row[row.name]
         results["rows"].append(
@@ -200,7 +239,9 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "seconds": statistics.fmean(r["seconds"] for r in runs),
             }
         )
-    results["total_seconds"] = time.perf_counter() - started
+    # the runs' own times: the same whether the benchmark ran in one go or was resumed
+    results["total_seconds"] = sum(run["seconds"] for runs in runs_by_row.values() for run in runs)
+    results["wall_seconds"] = time.perf_counter() - started
     return results
 
 
@@ -216,7 +257,7 @@ def format_markdown(results: dict[str, Any]) -> str:
         "",
         f"Seeds {seeds}; mean ± sample std over seeds (training-free rows: one run). Shared overrides: "
         + " ".join(f"`{o}`" for o in results["overrides"])
-        + f". Total {results.get('total_seconds', 0) / 60:.1f} min.",
+        + f". Total {results.get('total_seconds', 0) / 60:.1f} min (sum of the runs' times).",
         "",
         "| method | trained | teacher | " + " | ".join(COLUMNS) + " | time per run (s) |",
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
@@ -263,6 +304,13 @@ def _new_run_directory(bench: DictConfig) -> Path:
     raise RuntimeError(f"could not create a new run directory under {parent}")
 
 
+def _resume_directory(bench: DictConfig) -> Path:
+    run_dir = Path(bench.resume_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"resume_dir={bench.resume_dir!r}: no such directory (expected an earlier benchmark run directory)")
+    return run_dir
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="benchmark name: conf/benchmark/<name>.yaml")
@@ -272,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     bench = load_benchmark_config(args.name, args.overrides)
-    run_dir = _new_run_directory(bench)
+    run_dir = _resume_directory(bench) if bench.get("resume_dir") else _new_run_directory(bench)
     log.info("benchmark %s: run directory %s; overrides of every run: %s", bench.name, run_dir, list(bench.run_overrides))
     results = run_benchmark(bench, run_dir)
     output_dir = Path(bench.output_dir) if bench.get("output_dir") else run_dir
