@@ -184,5 +184,22 @@ def write_context_raw(raw: Path, seed: int = 0) -> dict:
     return {"train": train, "val": val, "names": names, "labels": labels}
 
 
+def write_detail_json(path: Path, phases: dict[str, Sequence[str]]) -> None:
+    """A PASCAL in Detail annotation file (``trainval_merged.json``) reduced to what a split needs:
+    its ``images`` entries (``image_id`` as the Detail API numbers them, ``file_name``, ``phase``)
+    and the other top-level keys, empty."""
+    import json
+
+    images = [
+        {"image_id": int(i.replace("_", "")), "file_name": f"{i}.jpg", "phase": phase, "width": SIZE[1], "height": SIZE[0]}
+        for phase, names in phases.items()
+        for i in names
+    ]
+    content = {"info": {}, "images": images, "categories": [], "annos_segmentation": [], "annos_occlusion": [],
+               "annos_boundary": [], "annos_joints": [], "parts": []}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
+
+
 def write_ade_raw(raw: Path, seed: int = 0) -> dict:
     return write_ade(raw, n_train=2, n_val=2, seed=seed)

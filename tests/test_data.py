@@ -179,3 +179,16 @@ def test_every_class_appears_in_the_default_training_split() -> None:
         _, label = render_scene(names, train.seed_base + index, SceneConfig.from_mapping(train.scene))
         counts += np.bincount(label.ravel(), minlength=len(names))
     assert (counts > 0).all(), dict(zip(names, counts.tolist()))
+
+
+def test_synthetic_test_split_overlap_is_counted_by_seed() -> None:
+    split = ClassSplit(NAMES, UNSEEN, name="toy")
+
+    def scenes(seed_base: int, num_images: int):
+        return lambda: SyntheticScenes(NAMES, num_images=num_images, seed_base=seed_base, scene={"image_size": 16})
+
+    # val seeds 100..108, test seeds 104..114: 104..108 are shared, 5 scenes
+    datamodule = ZSSDataModule(split, None, scenes(100, 9), scenes(104, 11))
+    assert datamodule.test_shares_validation_images() == (True, "5 of the 11 test images are also validation images")
+    disjoint = ZSSDataModule(split, None, scenes(100, 9), scenes(109, 11))
+    assert disjoint.test_shares_validation_images()[0] is False

@@ -207,3 +207,46 @@ def test_unreadable_files_out_of_range_values_and_size_mismatch_name_the_file(tm
     label1.unlink()
     with pytest.raises(DatasetLayoutError, match="have no label"):
         ADE20KSegmentation(tmp_path, "val")
+
+
+# -- evaluation protocol: does the test split reuse validation images? -----------------------------------------
+@pytest.mark.parametrize(
+    "name,writer",
+    [("voc", write_voc), ("coco_stuff", write_coco_stuff), ("context59", write_context), ("context60", write_context),
+     ("ade150", write_ade)],
+)  # fmt: skip
+def test_real_benchmarks_test_on_their_validation_images(make_cfg, name: str, writer) -> None:
+    import hydra
+
+    cfg = make_cfg([f"dataset={name}"], config_name="eval" if name == "ade150" else "train")
+    writer(Path(cfg.paths.data_dir))
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    shared, evidence = datamodule.test_shares_validation_images()
+    assert shared and "test split is the validation split" in evidence
+
+
+def test_separately_configured_splits_are_compared_image_by_image(tmp_path: Path) -> None:
+    tree = write_voc(tmp_path, n_train=3, n_aug=0, n_val=3)
+    assert not set(tree["train"]) & set(tree["val"])  # the writer's ids: train and val are disjoint
+
+    def reader(split: str, limit=None):
+        return lambda: VOCSegmentation(tmp_path, split, use_aug=False, limit=limit)
+
+    split = benchmark_split("voc")
+    # a test reader of its own that lists two of the validation images
+    overlapping = ZSSDataModule(split, reader("train"), reader("val"), reader("val", limit=2))
+    assert overlapping.test_shares_validation_images() == (True, "2 of the 2 test images are also validation images")
+    disjoint = ZSSDataModule(split, reader("val"), reader("val"), reader("train"))
+    shared, evidence = disjoint.test_shares_validation_images()
+    assert not shared and "the 3 test images and the 3 validation images are disjoint" == evidence
+
+
+def test_unknown_test_images_do_not_count_as_disjoint() -> None:
+    class Opaque(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+    split = benchmark_split("voc")
+    datamodule = ZSSDataModule(split, None, lambda: Opaque(), lambda: Opaque())
+    shared, evidence = datamodule.test_shares_validation_images()
+    assert shared and "cannot be compared" in evidence

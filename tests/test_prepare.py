@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_trees import write_ade_raw, write_coco_stuff_raw, write_context_raw, write_voc_raw
+from dataset_trees import write_ade_raw, write_coco_stuff_raw, write_context_raw, write_detail_json, write_voc_raw
 from zeroseg.data import ADE20KSegmentation, COCOStuffSegmentation, PascalContext, VOCSegmentation
 from zeroseg.data.benchmarks import COCO_STUFF_RAW_NAMES, CONTEXT60_CLASSES, benchmark_split
 from zeroseg.data.folders import read_label
@@ -123,3 +123,35 @@ def test_context_labels_without_a_59_class_name_are_an_error(tmp_path: Path) -> 
     labels.write_text(labels.read_text().replace(": sheep\n", ": ewe\n"))
     with pytest.raises(PrepareError, match=r"the 59-class names \['sheep'\] are not in the 459-class list"):
         prepare("context", tmp_path / "raw", tmp_path / "data", allow_partial=True)
+
+
+def test_context_takes_mmsegs_split_from_the_detail_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tree = write_context_raw(tmp_path / "raw")
+    # mmseg's lists leave out one annotated image of VOC2010's Main train list; the test split and a
+    # 'test' phase image that neither list uses must not leak into train/val either
+    mmseg_train, left_out = tree["train"][:2], tree["train"][2]
+    write_detail_json(
+        tmp_path / "raw/VOCdevkit/VOC2010/trainval_merged.json",
+        {"val": tree["val"][::-1], "train": mmseg_train[::-1], "test": [left_out]},
+    )
+    counts = prepare("context", tmp_path / "raw", tmp_path / "data", allow_partial=True)
+    assert counts == {"train": 2, "val": 2}
+    lists = tmp_path / "data/VOCdevkit/VOC2010/ImageSets/SegmentationContext"
+    assert (lists / "train.txt").read_text().split() == sorted(mmseg_train)  # mmseg writes them sorted
+    assert (lists / "val.txt").read_text().split() == sorted(tree["val"])
+    assert [p[0].stem for p in PascalContext(tmp_path / "data", "train").pairs] == sorted(mmseg_train)
+    assert f"annotated images that mmseg's split leaves out: ['{left_out}']" in capsys.readouterr().err
+
+
+def test_context_without_the_detail_file_checks_the_main_list_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_context_raw(tmp_path / "raw")
+    # VOC2010's Main lists with a label hold 4,998 / 5,105 images on the full download, not mmseg's 4,996 / 5,104
+    with pytest.raises(PrepareError, match="the count of VOC2010's Main lists with a label is 4998"):
+        prepare("context", tmp_path / "raw", tmp_path / "data")
+    assert "2 train and 1 val image more than mmseg's 4,996 / 5,104" in capsys.readouterr().err
+    write_detail_json(tmp_path / "raw/trainval_merged.json", {"train": ["2008_000000"], "val": []})
+    with pytest.raises(PrepareError, match=r"mmseg's count \(Detail lists of trainval_merged.json\) is 4996"):
+        prepare("context", tmp_path / "raw", tmp_path / "data")
+    (tmp_path / "raw/trainval_merged.json").write_text('{"images": [{"file_name": "x.jpg"}]}')
+    with pytest.raises(PrepareError, match="not a PASCAL in Detail annotation file"):
+        prepare("context", tmp_path / "raw", tmp_path / "data")

@@ -152,3 +152,41 @@ def test_bf16_mixed_precision_trains_and_evaluates_on_cpu(make_cfg) -> None:
     assert objects["trainer"].precision == "bf16-mixed"
     assert all(math.isfinite(metrics[k]) for k in ("sIoU", "mIoU", "pAcc"))
     assert math.isfinite(metrics["train/loss"])
+
+
+def _step_of(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def test_final_test_uses_the_last_checkpoint_when_test_images_are_validation_images(make_cfg) -> None:
+    # validations at steps 2 and 4, training ends at 5: the best checkpoint can only be step 2 or 4
+    steps = ["trainer.max_steps=5", "trainer.val_check_interval=2"]
+    # the real benchmarks' protocol: no separate test split, the test runs on the validation images
+    shared_cfg = make_cfg([*steps, "dataset.test_dataset=null"], subdir="shared")
+    metrics, objects = train(shared_cfg)
+    written = read_metrics(Path(shared_cfg.paths.output_dir))
+    assert written["tested_checkpoint"] == metrics["tested_checkpoint"] == "last"
+    assert "the test split is the validation split" in written["tested_checkpoint_reason"]
+    assert Path(written["ckpt_path"]).name == "last.ckpt" and _step_of(written["ckpt_path"]) == 5
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    assert _step_of(best) in (2, 4)
+
+    # the toy world's disjoint splits: best by validation, as before
+    disjoint_cfg = make_cfg(steps, subdir="disjoint")
+    metrics = train(disjoint_cfg)[0]
+    written = read_metrics(Path(disjoint_cfg.paths.output_dir))
+    assert written["tested_checkpoint"] == "best" and "disjoint" in written["tested_checkpoint_reason"]
+    assert Path(written["ckpt_path"]).name.startswith("best_step") and _step_of(written["ckpt_path"]) in (2, 4)
+
+
+def test_test_checkpoint_can_be_overridden_and_a_bad_value_stops_before_training(make_cfg) -> None:
+    cfg = make_cfg(["test_checkpoint=last"], subdir="last")
+    metrics = train(cfg)[0]
+    assert (
+        metrics["tested_checkpoint"] == "last" and "test_checkpoint=last set in the config" in metrics["tested_checkpoint_reason"]
+    )
+    assert _step_of(metrics["ckpt_path"]) == 4
+    bad = make_cfg(["test_checkpoint=newest"], subdir="bad")
+    with pytest.raises(ValueError, match=r"test_checkpoint='newest': expected one of auto, best, last"):
+        train(bad)
+    assert not (Path(bad.paths.output_dir) / "checkpoints").exists()

@@ -16,6 +16,7 @@ from zeroseg.data.transforms import (
     keep_ratio_size,
     random_crop_box,
 )
+from zeroseg.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _image_and_label(height: int = 90, width: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -53,20 +54,32 @@ def test_training_labels_are_only_resized_by_nearest_neighbour_and_padding_is_ig
         assert item["image"].shape == (3, 96, 96) and item["label"].shape == (96, 96)
         assert item["image"].dtype == torch.float32 and 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1
         assert set(item["label"].unique().tolist()) <= {3, 7, 200, 255}  # no blended values
-        # rows/columns beyond the resized image are padding: image 0, label ignore
-        rows = (item["label"] == 255).all(dim=1) & (item["image"] == 0).all(dim=0).all(dim=1)
+        # rows beyond the resized image are padding: image the mean colour, label ignore
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1)
+        rows = (item["label"] == 255).all(dim=1) & (item["image"] == mean.unsqueeze(-1)).all(dim=0).all(dim=1)
         padded += int(rows.any())
     assert padded > 0  # ratio < ~1 makes images smaller than the crop: padding was exercised
 
 
-def test_small_image_is_padded_with_ignore_and_zero() -> None:
+def test_small_image_is_padded_like_mmseg_after_normalisation() -> None:
     image, label = _image_and_label(40, 50)
     transform = TrainTransform(scale=(50, 40), ratio_range=(1.0, 1.0), crop_size=64, cat_max_ratio=1.0, flip_prob=0.0)
     item = transform(image, label)
     assert torch.equal(item["label"][:40, :50], torch.from_numpy(label.astype(np.int64)))
     assert bool((item["label"][40:] == 255).all()) and bool((item["label"][:, 50:] == 255).all())
-    assert bool((item["image"][:, 40:] == 0).all()) and bool((item["image"][:, :, 50:] == 0).all())
     assert torch.allclose(item["image"][:, :40, :50], torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+    # mmseg's order, in NumPy: Normalize the uint8 image with img_norm_cfg, then Pad with 0 to 64x64
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    mmseg = np.zeros((64, 64, 3))
+    mmseg[:40, :50] = (image - mean) / std
+    # what a student sees: our [0, 1] image normalised with ImageNet's statistics (= img_norm_cfg / 255)
+    student = (item["image"].numpy().transpose(1, 2, 0) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    assert np.abs(student - mmseg).max() < 1e-5
+
+
+def test_pad_value_must_be_three_values_in_the_unit_range() -> None:
+    with pytest.raises(ValueError, match=r"pad_value=\[123.675, 116.28, 103.53\] must be 3 values in \[0, 1\]"):
+        TrainTransform(pad_value=(123.675, 116.28, 103.53))
 
 
 def test_flip_mirrors_image_and_label_together() -> None:
@@ -155,3 +168,27 @@ def test_eval_transform_resizes_the_image_only() -> None:
     item = EvalTransform(scale=(2048, 512))(image, label)
     assert item["image"].shape == (3, 512, 683)
     assert torch.equal(item["label"], torch.from_numpy(label.astype(np.int64)))
+
+
+def test_hue_shifts_cover_mmsegs_range_only() -> None:
+    """mmseg draws the hue shift with NumPy's randint(-18, 18), which never returns +18."""
+    from unittest import mock
+
+    from zeroseg.data import transforms
+
+    real_randint = transforms._randint
+    hue_shifts: list[int] = []
+
+    def recording(low: int, high: int) -> int:
+        value = real_randint(low, high)
+        if low < 0:  # the only signed draw of the distortion is the hue shift
+            hue_shifts.append(value)
+        return value
+
+    image = np.random.default_rng(2).integers(0, 256, (2, 2, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    with mock.patch.object(transforms, "_randint", recording):
+        for _ in range(800):
+            PhotoMetricDistortion()(image)
+    reference = np.unique(np.random.default_rng(0).integers(-18, 18, 20000))  # NumPy's exclusive upper bound
+    assert sorted(set(hue_shifts)) == reference.tolist() == list(range(-18, 18))

@@ -1,8 +1,8 @@
 """Callbacks and the checkpoint writer that keep a run's work safe (``conf/callbacks/``).
 
 * :class:`RunCheckpoint` — the one checkpoint callback of a run: the best checkpoint by
-  ``val/hIoU`` (never a non-finite score), ``last.ckpt`` at every validation and every
-  ``last_every_n_steps`` steps, a checkpoint at the current step when the job is told to stop
+  ``val/hIoU`` (never a non-finite score), ``last.ckpt`` at every validation, every
+  ``last_every_n_steps`` steps and at the end of training, a checkpoint at the current step when the job is told to stop
   (SIGTERM, SIGUSR1: what SLURM sends before preemption or the time limit), and best-checkpoint
   tracking that survives a resume into another directory.
 * :class:`NonFiniteLossGuard` — stops at the first non-finite loss (or skips up to
@@ -93,9 +93,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     Differences from ``ModelCheckpoint`` besides the above: a non-finite monitored value never
     becomes the best checkpoint; ``last.ckpt`` is written at every validation (not only when a new
-    best was saved); resuming into another directory keeps the interrupted run's best score and
-    best checkpoint path (Lightning keeps only the path), so the run tests the same checkpoint as an
-    uninterrupted one.
+    best was saved) and at the end of training (the final weights); resuming into another directory
+    keeps the interrupted run's best score and best checkpoint path (Lightning keeps only the path),
+    so the run tests the same checkpoint as an uninterrupted one.
     """
 
     def __init__(
@@ -153,6 +153,10 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._restore_signal_handlers()
+        if not trainer.sanity_checking and not bool(trainer.fast_dev_run):
+            # last.ckpt holds the final weights even when the run does not end at a validation or a
+            # periodic save: the final test of the real benchmarks uses it (test_checkpoint=last)
+            self._write_last(trainer)
         if self._stop_pending:  # told to stop at the last step: do not go on to the test
             self._stop(trainer)
 
@@ -184,6 +188,11 @@ class RunCheckpoint(ModelCheckpoint):
         except Exception:  # noqa: BLE001 - a private Lightning API: fall back to the interval arithmetic
             interval = trainer.val_check_batch
             return isinstance(interval, int) and interval > 0 and trainer.global_step % interval == 0
+
+    @property
+    def last_written_step(self) -> int:
+        """The optimizer step ``last.ckpt`` was last written at in this process (-1: not yet)."""
+        return self._last_written_step
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)

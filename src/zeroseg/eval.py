@@ -40,7 +40,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if ckpt_path is not None:
         check_checkpoint_fits(ckpt_path, model)
     trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = {**model.test_results, "ckpt_path": ckpt_path}
+    metrics = {
+        **model.test_results,
+        "ckpt_path": ckpt_path,
+        # the same keys as a training run's metrics.json: here the caller chose the checkpoint
+        "tested_checkpoint": "given" if ckpt_path is not None else "none",
+        "tested_checkpoint_reason": "ckpt_path given to zeroseg.eval" if ckpt_path is not None else "training-free method",
+    }
     write_run_outputs(cfg, metrics, set(datamodule.split.unseen_class_names), title="eval")
     return metrics, objects
 

@@ -15,7 +15,8 @@ is given in training. Validation and test keep full labels and all classes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -28,7 +29,7 @@ from zeroseg.data.verify import verify_datasets
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZSSDataModule", "TrainingLabels", "collate_segmentation"]
+__all__ = ["ZSSDataModule", "TrainingLabels", "collate_segmentation", "image_keys"]
 
 DatasetFactory = Callable[[], Dataset]
 
@@ -64,6 +65,28 @@ class TrainingLabels(Dataset):
             )
         item["label"] = self.label_lut[label]
         return item
+
+
+def image_keys(dataset: Dataset) -> Optional[list[Hashable]]:
+    """One key per item naming the image it shows, comparable across datasets; ``None`` when the
+    dataset does not say.
+
+    Folder readers: the resolved image path (two splits listing the same file are the same image);
+    synthetic scenes: the scene generator's settings and the scene's seed (a scene is a function of both).
+    """
+    if isinstance(dataset, Subset):
+        keys = image_keys(dataset.dataset)
+        return None if keys is None else [keys[i] for i in dataset.indices]
+    if isinstance(dataset, TrainingLabels):
+        return image_keys(dataset.dataset)
+    pairs = getattr(dataset, "pairs", None)
+    if pairs is not None:
+        return [str(Path(image).resolve()) for image, _ in pairs]
+    seeds = getattr(dataset, "seed_range", None)
+    if isinstance(seeds, range):
+        settings = repr(getattr(dataset, "scene_config", None))
+        return [("synthetic scene", settings, seed) for seed in seeds]
+    return None
 
 
 def collate_segmentation(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -221,6 +244,29 @@ class ZSSDataModule(L.LightningDataModule):
         if report["kept_images"] == 0:
             raise ValueError(f"dataset '{self.split.name}': the protocol options removed every training image ({report})")
         return dataset if len(keep) == len(histograms) else Subset(dataset, keep.tolist())
+
+    # -- evaluation protocol --------------------------------------------------------------------
+    def test_shares_validation_images(self) -> tuple[bool, str]:
+        """Whether the test split holds images the validation split also holds, and the evidence.
+
+        On the real benchmarks ``dataset.test_dataset`` is null (mmseg's configs test on the
+        validation split), so selecting a checkpoint by its validation score selects it on the test
+        images. Separately configured splits are compared image by image (:func:`image_keys`); splits
+        whose images cannot be compared count as shared, because only disjointness makes a
+        validation-selected checkpoint an honest test.
+        """
+        val_factory, test_factory = self.dataset_factories["val"], self.dataset_factories["test"]
+        if val_factory is None:
+            return False, "no validation split is configured (dataset.val_dataset is null)"
+        if test_factory is val_factory:
+            return True, "dataset.test_dataset is null, so the test split is the validation split"
+        val_keys, test_keys = image_keys(self._build("val")), image_keys(self._build("test"))
+        if val_keys is None or test_keys is None:
+            return True, "the test and validation images cannot be compared, so they are not known to be disjoint"
+        shared = len(set(test_keys) & set(val_keys))
+        if shared:
+            return True, f"{shared} of the {len(test_keys)} test images are also validation images"
+        return False, f"the {len(test_keys)} test images and the {len(val_keys)} validation images are disjoint"
 
     # -- loaders ------------------------------------------------------------------------------
     def _rank_and_world(self) -> tuple[int, int]:

@@ -332,7 +332,8 @@ coco_stuff164k/
 
 
 class PascalContext(SegmentationFolder):
-    """PASCAL Context in mmseg's layout (4,996 train / 5,104 val).
+    """PASCAL Context in mmseg's layout (4,996 train / 5,104 val with mmseg's lists; 4,998 / 5,105 when
+    ``prepare context`` had no Detail file and took VOC2010's Main lists, see :mod:`zeroseg.data.prepare`).
 
     ``num_classes=59``: raw 0 (background) is ignored and 1–59 become 0–58 (the ZSS protocol);
     ``num_classes=60``: background is class 0 (cross-dataset evaluation as in ZegCLIP).

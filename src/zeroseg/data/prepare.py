@@ -9,7 +9,8 @@ dataset         ``--raw`` must hold (extracted archives)                        
 ``coco_stuff``  ``train2017/``, ``val2017/`` (COCO images),                                     ``coco_stuff164k``
                 ``stuffthingmaps_trainval2017/{train2017,val2017}/*.png``
 ``context``     ``VOCdevkit/VOC2010/`` (VOCtrainval_03-May-2010.tar),                           ``VOCdevkit/VOC2010``
-                ``trainval/*.mat`` + ``labels.txt`` (PASCAL-Context trainval.tar.gz)
+                ``trainval/*.mat`` + ``labels.txt`` (PASCAL-Context trainval.tar.gz),
+                optional ``trainval_merged.json`` (PASCAL in Detail: mmseg's exact split)
 ``ade``         ``ADEChallengeData2016/`` (ADEChallengeData2016.zip)                            ``ADEChallengeData2016``
 ==============  ===========================================================================  ======================
 
@@ -17,9 +18,12 @@ Conversions: SBD ``GTcls.Segmentation`` ``.mat`` → PNG (``SegmentationClassAug
 train+val minus VOC train and val, so train.txt + aug.txt = 10,582 images); COCO-Stuff raw values
 (COCO id − 1, 0–181, 11 ids never used) → 171 training ids from the official label list
 (:data:`~zeroseg.data.benchmarks.COCO_STUFF_RAW_NAMES`); Context 459-class ``LabelMap`` → 0
-background + the 59 classes matched by name in ``labels.txt`` (no Detail API), with the
-``ImageSets/Main`` train/val lists of VOC2010 restricted to annotated images. Images are hard-linked
-when possible (``--link``), else copied.
+background + the 59 classes matched by name in ``labels.txt`` (no Detail API needed). Context's
+lists are mmseg's (4,996 / 5,104: the ``train`` / ``val`` phases of the PASCAL in Detail file
+``trainval_merged.json``, read as JSON) when that file is in ``--raw``; otherwise VOC2010's
+``ImageSets/Main`` train/val lists restricted to annotated images, which hold 4,998 / 5,105 images
+(3 more than mmseg's; the run says so, and prints the differing ids when it has the Detail file).
+Images are hard-linked when possible (``--link``), else copied.
 
 Every output label is read back and its values checked against the layout's valid set; the image
 counts of every split are compared with the official ones (``--allow-partial`` accepts fewer, for
@@ -51,9 +55,15 @@ __all__ = ["PrepareError", "main", "prepare"]
 OFFICIAL_COUNTS: dict[str, dict[str, int]] = {
     "voc": {"train": 10582, "val": 1449},
     "coco_stuff": {"train": 118287, "val": 5000},
+    # mmseg's lists: the PASCAL in Detail annotation file's train / val phases
     "context": {"train": 4996, "val": 5104},
     "ade": {"train": 20210, "val": 2000},
 }
+# PASCAL-Context without the Detail file: VOC2010's ImageSets/Main lists restricted to the images with a
+# .mat label hold 2 train and 1 val image more than mmseg's lists (counted on the official downloads)
+CONTEXT_MAIN_COUNTS: dict[str, int] = {"train": 4998, "val": 5105}
+# the Detail API's annotation file (trainval_merged.json), where mmseg's converter expects it or at the top of --raw
+CONTEXT_DETAIL_FILES = ("trainval_merged.json", "VOCdevkit/VOC2010/trainval_merged.json")
 VALID_LABEL_VALUES: dict[str, set[int]] = {
     "voc": set(range(21)) | {255},
     "coco_stuff": set(range(171)) | {255},
@@ -208,6 +218,10 @@ class Plan:
     out_root: Path
     lists: dict[Path, list[str]] = field(default_factory=dict)
     valid_values: set[int] = field(default_factory=set)
+    # images per split of the reference release, and what that reference is (``None``: OFFICIAL_COUNTS)
+    official: Optional[dict[str, int]] = None
+    official_source: str = "the official count"
+    notes: list[str] = field(default_factory=list)
 
 
 def plan_voc(raw: Path, out: Path) -> Plan:
@@ -286,21 +300,66 @@ def context_lut(labels_txt: Path) -> np.ndarray:
     return lut
 
 
+def detail_split(path: Path) -> dict[str, list[str]]:
+    """The train and val image ids of a PASCAL in Detail annotation file (``trainval_merged.json``),
+    sorted: what mmseg's converter writes as ``ImageSets/SegmentationContext/{train,val}.txt``."""
+    import json
+
+    try:
+        images = json.loads(path.read_text())["images"]
+        phases = {"train": [], "val": []}
+        for image in images:
+            if image["phase"] in phases:
+                phases[image["phase"]].append(Path(image["file_name"]).stem)
+    except (ValueError, KeyError, TypeError) as error:
+        raise PrepareError(
+            f"{path} is not a PASCAL in Detail annotation file (expected 'images' entries with 'file_name' and 'phase'): "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return {split: sorted(ids) for split, ids in phases.items()}
+
+
 def plan_context(raw: Path, out: Path) -> Plan:
     voc = _require(raw / "VOCdevkit/VOC2010", "VOC 2010 (extract VOCtrainval_03-May-2010.tar into --raw)")
     mats = _require(raw / "trainval", "PASCAL-Context labels (extract trainval.tar.gz into --raw)")
     lut = context_lut(raw / "labels.txt")
     annotated = {p.stem for p in mats.glob("*.mat")}
+    main = {split: [i for i in _ids(voc / "ImageSets/Main" / f"{split}.txt") if i in annotated] for split in ("train", "val")}
+    detail_file = next((raw / name for name in CONTEXT_DETAIL_FILES if (raw / name).is_file()), None)
+    notes: list[str] = []
+    if detail_file is not None:
+        # mmseg's exact split; the labels still come from the .mat files, which every listed image needs
+        split_ids = detail_split(detail_file)
+        for split, ids in split_ids.items():
+            missing = [i for i in ids if i not in annotated]
+            if missing:
+                raise PrepareError(
+                    f"{detail_file} lists {len(missing)} {split} images without a label in {mats}, e.g. {missing[:3]}"
+                )
+            extra = sorted(set(main[split]) - set(ids))
+            if extra:
+                notes.append(
+                    f"{split}: VOC2010's Main list has {len(extra)} annotated images that mmseg's split leaves out: {extra}"
+                )
+        official, source = OFFICIAL_COUNTS["context"], f"mmseg's count (Detail lists of {detail_file.name})"
+    else:
+        split_ids = main
+        official, source = CONTEXT_MAIN_COUNTS, "the count of VOC2010's Main lists with a label"
+        notes.append(
+            "lists from VOC2010 ImageSets/Main restricted to annotated images (4,998 / 5,105 on the official downloads): "
+            "2 train and 1 val image more than mmseg's 4,996 / 5,104. For mmseg's exact split put the Detail API's "
+            "trainval_merged.json into --raw (the ids that differ are then printed)"
+        )
     root = out / "VOCdevkit/VOC2010"
     jobs, counts, lists = [], {}, {}
     for split in ("train", "val"):
-        ids = [i for i in _ids(voc / "ImageSets/Main" / f"{split}.txt") if i in annotated]
+        ids = split_ids[split]
         counts[split] = len(ids)
         lists[root / "ImageSets/SegmentationContext" / f"{split}.txt"] = ids
         for i in ids:
             jobs.append(FileJob("link", voc / "JPEGImages" / f"{i}.jpg", root / "JPEGImages" / f"{i}.jpg", "images"))
             jobs.append(FileJob("context_mat", mats / f"{i}.mat", root / "SegmentationClassContext" / f"{i}.png", split, lut))
-    return Plan(jobs, counts, [voc, mats], root, lists, VALID_LABEL_VALUES["context"])
+    return Plan(jobs, counts, [voc, mats], root, lists, VALID_LABEL_VALUES["context"], official, source, notes)
 
 
 def plan_ade(raw: Path, out: Path) -> Plan:
@@ -343,13 +402,15 @@ def prepare(
             raise PrepareError(
                 f"output {plan.out_root} overlaps the raw folder {source}; raw data is never overwritten: choose another --out"
             )
-    official = OFFICIAL_COUNTS[dataset]
+    official = plan.official or OFFICIAL_COUNTS[dataset]
+    for note in plan.notes:
+        print(f"[prepare {dataset}] note: {note}", file=sys.stderr)
     for split, count in plan.counts.items():
         if count == 0:
             raise PrepareError(f"{dataset}: the {split} split of {raw} has no images")
         if count != official[split] and not (allow_partial and count < official[split]):
             raise PrepareError(
-                f"{dataset}: the raw {split} split has {count} images, the official count is {official[split]} "
+                f"{dataset}: the raw {split} split has {count} images, {plan.official_source} is {official[split]} "
                 "(pass --allow-partial to prepare a subset)"
             )
     values = run_jobs(plan.jobs, dataset, workers, link)

@@ -6,15 +6,29 @@ Training (ZegCLIP / CLIP-to-Seg / Chimera-Seg recipes)::
     RandomCrop(512x512, cat_max_ratio=0.75)
     RandomFlip(0.5)
     PhotoMetricDistortion
-    Pad(512x512, image 0, label ignore)
+    Normalize(ImageNet mean/std) ; Pad(512x512, image 0, label ignore)
 
 Test: keep-ratio resize into ``scale`` (2048, 512) — the short side becomes 512 unless the long
 side would exceed 2048 — with the label left at its original size (the metric compares at the
 original resolution; :mod:`zeroseg.inference` resizes logits back).
 
-Images stay uint8 until the end (as mmseg's), are resized bilinearly (PIL), labels only ever by
-nearest neighbour. Normalisation is not
-done here: the student backbone and the CLIP teacher each normalise with their own statistics.
+Normalisation is not done here: the student backbone and the CLIP teacher each normalise with their
+own statistics. mmseg pads *after* normalising, so its padding is 0 in normalised units, i.e. the
+mean colour; here images are padded before the models normalise them, so the pad value is that
+mean colour in [0, 1] (``pad_value``, default mmseg's ``img_norm_cfg`` mean 123.675, 116.28, 103.53
+over 255 = ImageNet's, which the students normalise with: their padding becomes exactly 0 as in
+mmseg; the CLIP teacher's own mean differs by less than 0.005).
+
+Images stay uint8 until the end (as mmseg's) and labels are only ever resized by nearest
+neighbour. Differences from mmseg's OpenCV arithmetic, all in the image values only:
+
+* resizing uses PIL's bilinear filter, which antialiases when it shrinks (its support widens with
+  the scale factor), where ``cv2.resize`` with ``INTER_LINEAR`` samples only the 2x2 nearest pixels:
+  shrunk images are smoother than mmseg's (on pixel noise shrunk 4x, up to 108 levels apart, 25 on
+  average), enlarged ones agree within one level (measured against OpenCV on uniform random RGB);
+* the HSV steps of :class:`PhotoMetricDistortion` use PIL's 8-bit HSV (hue in 256 steps) instead of
+  OpenCV's (hue in 180 steps): see its docstring.
+
 Randomness comes from torch's global generator, which Lightning seeds per worker.
 """
 
@@ -37,6 +51,10 @@ __all__ = [
     "keep_ratio_size",
     "random_crop_box",
 ]
+
+
+# mmseg's img_norm_cfg mean (123.675, 116.28, 103.53) / 255: ImageNet's, the students' normalisation
+MMSEG_MEAN = (0.485, 0.456, 0.406)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -112,10 +130,16 @@ class PhotoMetricDistortion:
 
     Each step fires with probability 0.5: brightness shift in ±``brightness_delta``; contrast
     factor in ``contrast_range`` (before or after the colour steps, chosen at random); saturation
-    factor in ``saturation_range`` and hue shift in ±``hue_delta`` OpenCV hue units (of 180) in HSV.
-    Values are clipped to 0..255 and truncated to uint8 after every step, as mmseg does. HSV comes
-    from PIL (hue in 0..255, so the shift is rescaled by 256/180) instead of OpenCV: the
-    conversions round differently by at most one unit.
+    factor in ``saturation_range`` and an integer hue shift of ``-hue_delta .. hue_delta - 1``
+    OpenCV hue units (of 180) in HSV — mmseg draws it with NumPy's ``randint``, whose upper bound is
+    exclusive, so +``hue_delta`` itself never occurs. Values are clipped to 0..255 and truncated to
+    uint8 after every step, as mmseg does.
+
+    The HSV round trip is PIL's, not OpenCV's: PIL stores hue in 256 steps (the shift is rescaled by
+    256/180 and rounded) and quantises S and V differently. PIL's round trip alone moves a channel
+    by up to 7 of 255 levels (OpenCV's by up to 5), and after a saturation or hue change a pixel
+    can differ from mmseg's OpenCV result by up to about 15 levels (about 1 on average; measured on
+    uniform random RGB). Brightness and contrast are exact.
     """
 
     def __init__(
@@ -147,7 +171,8 @@ class PhotoMetricDistortion:
             if change_saturation:
                 hsv[..., 1] = _saturate(hsv[..., 1], alpha=_uniform(*self.saturation_range))
             if change_hue:
-                shift = round(_randint(-self.hue_delta, self.hue_delta) * 256 / 180)
+                # NumPy's randint excludes its upper bound: mmseg's shifts are -delta .. delta-1
+                shift = round(_randint(-self.hue_delta, max(self.hue_delta - 1, -self.hue_delta)) * 256 / 180)
                 hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 256).astype(np.uint8)
             image = np.asarray(Image.frombytes("HSV", (hsv.shape[1], hsv.shape[0]), hsv.tobytes()).convert("RGB"))
         if not contrast_first:
@@ -170,6 +195,9 @@ class TrainTransform:
         flip_prob: probability of a horizontal flip.
         photometric: apply :class:`PhotoMetricDistortion` (``None`` disables).
         ignore_index: label value of padding.
+        pad_value: per-channel image value of padding in [0, 1]: the mean colour the models
+            normalise with, so that padding is 0 after normalisation as in mmseg (which pads the
+            normalised image with 0).
     """
 
     def __init__(
@@ -181,7 +209,10 @@ class TrainTransform:
         flip_prob: float = 0.5,
         photometric: Optional[PhotoMetricDistortion] = None,
         ignore_index: int = 255,
+        pad_value: Sequence[float] = MMSEG_MEAN,
     ) -> None:
+        if len(pad_value) != 3 or not all(0.0 <= float(v) <= 1.0 for v in pad_value):
+            raise ValueError(f"transform pad_value={list(pad_value)} must be 3 values in [0, 1] (R, G, B of the padding)")
         if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
             raise ValueError(f"transform ratio_range={list(ratio_range)} must be [low, high] with 0 < low <= high")
         self.scale = tuple(int(s) for s in scale)
@@ -191,6 +222,7 @@ class TrainTransform:
         self.flip_prob = flip_prob
         self.photometric = photometric
         self.ignore_index = ignore_index
+        self.pad_value = tuple(float(v) for v in pad_value)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, Tensor]:
         ratio = _uniform(*self.ratio_range)
@@ -205,7 +237,9 @@ class TrainTransform:
         image_t, label_t = _to_tensors(image, label)
         pad_h, pad_w = self.crop_size[0] - h, self.crop_size[1] - w
         if pad_h or pad_w:
-            image_t = torch.nn.functional.pad(image_t, (0, pad_w, 0, pad_h), value=0.0)
+            padded = torch.tensor(self.pad_value, dtype=image_t.dtype).view(3, 1, 1).repeat(1, *self.crop_size)
+            padded[:, :h, :w] = image_t
+            image_t = padded
             label_t = torch.nn.functional.pad(label_t, (0, pad_w, 0, pad_h), value=self.ignore_index)
         return {"image": image_t, "label": label_t}
 
