@@ -4,9 +4,11 @@
 
 Each job folder holds ``.hydra/overrides.yaml`` (Hydra), ``config.yaml`` and ``metrics.json``
 (zeroseg). A job's row is named by the overrides that differ between jobs (the swept values), or by
-the label the experiment gives it under ``sweep_table.rows`` (e.g. "Baseline + CSH" for
-``experiment=chimera_ablation_modules``), in the experiment's row order; ``sweep_table.title``
-heads the table. A job without ``metrics.json`` (failed or still running) is listed as missing,
+the label the experiment gives it under ``sweep_table.rows`` (the paper's row names, e.g. "Baseline
++ CSH" for ``experiment=chimera_ablation_modules``; a row may be a config-group override such as
+``+experiment/chimera_table_iii=c2s``), in the experiment's row order; ``sweep_table.title`` heads
+the table. A sweep run with ``+world=toy`` (``world.proxy`` in the job config) is titled as a
+toy-world proxy. A job without ``metrics.json`` (failed or still running) is listed as missing,
 not dropped.
 """
 
@@ -69,7 +71,12 @@ def build_table(jobs: list[dict[str, Any]]) -> tuple[str, list[tuple[str, list[s
         rank = order.index(_normalise(name)) if _normalise(name) in labels else len(order)
         rows.append((rank, label, values))
     rows.sort(key=lambda r: r[0])
-    return table_cfg.get("title", ""), [(label, values) for _, label, values in rows]
+    title = table_cfg.get("title", "")
+    # `+world=toy` runs a paper table's sweep in the toy world: say so wherever the table goes
+    world = next((job["config"].get("world") for job in jobs if job["config"].get("world")), None) or {}
+    if world.get("proxy"):
+        title = f"{title} — {world.get('name', 'toy')}-world proxy, not the paper's setting".lstrip(" —")
+    return title, [(label, values) for _, label, values in rows]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

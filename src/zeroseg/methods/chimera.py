@@ -9,8 +9,19 @@ it is trained with
   noise ``g = −log(−log ε)``, ``w = softmax((s + g)/τ)`` over H·W, the top-K positions by ``w`` →
   F_k, ``W' = softmax(F_kᵀC_g/√D)``, ``F_g = W'ᵀF_k``; InfoNCE of F_g against the global CLS tokens
   of the batch (gathered across DDP ranks). K starts at ``top_k_start`` (9000) and changes by
-  ``top_k_rate`` per optimizer step (−0.1), rounded, clamped to [1, H·W]; it is a function of the
-  optimizer step, which checkpoints restore;
+  ``top_k_rate`` per optimizer step (−0.1), rounded (Sec. III-C, Implementation Details); it is a
+  function of the optimizer step, which checkpoints restore. **Where the paper's K lives**: the
+  SegFormer student's map at a 512² crop is 1/4 resolution, 128×128 = 16,384 positions, so K runs
+  from 55 % of H·W to 6 % over the 80k iterations. On a smaller map (the toy world's 16×16, a
+  ViT-B/16 student's 32×32, whose map reaches SGD without upsampling) an absolute K ≥ H·W selects
+  nothing and Gumbel noise only reorders the positions. ``top_k_positions`` (16,384) therefore
+  reads start and rate as counts over that many positions and scales them to the map at hand,
+  ``K = round((start + rate·step) · H·W / top_k_positions)`` clamped to [1, H·W] (same fractions
+  of H·W as the paper's); ``top_k_positions: null`` uses the literal counts (the SegFormer
+  recipes at 512², where both agree). ``top_k_budget_steps`` (default ``null``) optionally reads
+  the rate per ``top_k_budget_steps / max_steps`` optimizer steps, so that a short proxy run
+  (300 toy steps) walks the same K range as the paper's 80k iterations; K and H·W are logged
+  (``train/top_k``, ``train/positions``);
 * **Semantic Alignment Module** (Eqs. 5–6): prototypes F_l = region means of F_c over Ỹ; for the
   seen classes present in an image, ``KL(softmax(F_l^s·C_g/τ_f) ‖ softmax(A_s·C_g/τ_c))``
   (τ_f = 0.07, τ_c = 0.01; cosine similarities);
@@ -24,8 +35,17 @@ validation and test only, never in training, and in transductive runs only with
 
 Switches for Table III: ``csh=false`` replaces the CSH by a plain head to the joint space,
 ``sgd=false`` distils globally over all positions without selection (CLIP-to-Seg's Eq. 4 without
-a bank), ``sam=false`` drops L_sam. Knobs the paper leaves open (METHODS.md defaults): τ of SGD
-0.07, logit scale 1/0.07, K-means as CLIP-to-Seg.
+a bank), ``sam=false`` drops L_sam. Table III's first row ("Baseline") is CLIP-to-Seg itself, i.e.
+``method=c2s`` (``experiment=chimera_ablation_modules`` runs it), not this class with its modules
+off. CSH ablations (Tables IV–IX) are ``csh_options``; besides the CSH's own arguments, Chimera
+reads ``freeze_vencoder: value`` (Table VII's middle row: the value path stays frozen, the FFN
+learns) and re-initialises a ``projection: scratch`` with He's initialisation (Table V, ref. [83];
+``scratch_init: clip`` keeps CLIP's ``width^-0.5`` scale).
+
+Paper contradictions (the implementation-details value is the default): λ_sam = 0.1 in the
+Implementation Details, while Table XII's best (and Table III's full model, 33.8 hIoU) is 0.5.
+Knobs the paper leaves open (METHODS.md defaults): τ of SGD 0.07, logit scale 1/0.07, K-means as
+CLIP-to-Seg.
 """
 
 from __future__ import annotations
@@ -48,9 +68,23 @@ from zeroseg.toolkit.losses import info_nce, softmax_focal_loss
 __all__ = ["ChimeraSeg", "scheduled_top_k", "selective_global_feature", "semantic_alignment_loss"]
 
 
-def scheduled_top_k(step: int, start: float, rate: float, positions: int) -> int:
-    """K after ``step`` optimizer steps: ``round(start + rate·step)`` clamped to ``[1, positions]``."""
-    return int(min(max(round(start + rate * step), 1), positions))
+def scheduled_top_k(
+    step: int,
+    start: float,
+    rate: float,
+    positions: int,
+    reference_positions: Optional[int] = None,
+    step_scale: float = 1.0,
+) -> int:
+    """K after ``step`` optimizer steps on a map of ``positions`` (= H·W) positions (Sec. III-C).
+
+    ``round((start + rate·step·step_scale) · positions / reference_positions)`` clamped to
+    ``[1, positions]``; ``reference_positions=None`` reads start and rate as absolute counts.
+    """
+    count = start + rate * step * step_scale
+    if reference_positions is not None:
+        count = count * positions / reference_positions
+    return int(min(max(round(count), 1), positions))
 
 
 def selective_global_feature(
@@ -65,8 +99,9 @@ def selective_global_feature(
     if gumbel is None:
         uniform = torch.rand_like(scores).clamp_(1e-20, 1.0 - 1e-7)
         gumbel = -torch.log(-torch.log(uniform))
-    sampling = torch.softmax((scores + gumbel) / temperature, dim=-1)  # w
-    index = sampling.topk(top_k, dim=-1).indices  # (B, K)
+    # the top-K of w = softmax((s + g)/τ) are those of its logits (softmax is monotone); ranking the
+    # logits avoids the ties of probabilities that underflow to 0 at τ = 0.07
+    index = ((scores + gumbel) / temperature).topk(top_k, dim=-1).indices  # (B, K)
     selected = torch.gather(features, 2, index.unsqueeze(1).expand(-1, features.shape[1], -1))  # F_k: (B, D, K)
     weights = torch.softmax(torch.gather(scores, 1, index), dim=-1)  # W' = softmax(F_kᵀC_g/√D)
     return (selected @ weights.unsqueeze(-1)).squeeze(-1)
@@ -113,12 +148,21 @@ class ChimeraSeg(ZSSMethod):
         head: factory ``head(in_channels=..., embed_dim=...)``: the CSH's trainable MLP (to the
             teacher's visual width) or, with ``csh=false``, the whole head (to the joint space).
         csh: build the CLIP Semantic Head (Table III); csh_options: its ablation arguments
-            (:class:`~zeroseg.models.clip_semantic_head.CLIPSemanticHead`).
+            (:class:`~zeroseg.models.clip_semantic_head.CLIPSemanticHead`; Tables IV–IX), where
+            ``freeze_vencoder`` may also be ``value`` (Table VII: V frozen, FFN learnable).
+        scratch_init: initialisation of a ``projection: scratch`` (``he``, Table V; ``clip``:
+            the CSH's own ``width^-0.5`` normal).
         sgd: selective (top-K, Gumbel) global distillation; ``false`` pools all positions.
-        top_k_start / top_k_rate: K schedule (9000; −0.1 per step; 0 keeps, +0.1 grows: Table X).
-        gumbel: add Gumbel noise before the top-K (Table XI).
+        top_k_start / top_k_rate: K schedule (9000, Table XI; −0.1 per step; 0 keeps, +0.1 grows:
+            Table X), counted over ``top_k_positions`` positions.
+        top_k_positions: the map size start and rate are given for (16,384 = SegFormer's 1/4 map
+            at 512²); K is scaled by ``H·W / top_k_positions``; ``None``: absolute counts.
+        top_k_budget_steps: read the rate per ``top_k_budget_steps / max_steps`` steps (a short
+            proxy run walks the paper's K range); ``None``: per optimizer step (the paper).
+        gumbel: add Gumbel noise before the top-K (Sec. III-C, Eq. 1; no paper table).
         sgd_temperature: τ of the Gumbel softmax and of the InfoNCE (0.07).
-        sam / sam_weight / tau_f / tau_c: the Semantic Alignment Module and λ_sam (0.1; Table XII).
+        sam / sam_weight / tau_f / tau_c: the Semantic Alignment Module and λ_sam (0.1 as in the
+            Implementation Details; Table XII's best and Table III's full model use 0.5).
         logit_scale: scale of the cosine logits P (1/0.07; not given by the paper).
         focal_weight / ce_weight / focal_gamma: L_seg = focal + CE.
         gamma: γ added to the unseen logits at evaluation (0; 0.5 in the COCO-Stuff recipe).
@@ -132,9 +176,12 @@ class ChimeraSeg(ZSSMethod):
         head: Callable[..., nn.Module],
         csh: bool = True,
         csh_options: Optional[Mapping[str, Any]] = None,
+        scratch_init: str = "he",
         sgd: bool = True,
         top_k_start: float = 9000,
         top_k_rate: float = -0.1,
+        top_k_positions: Optional[int] = 16384,
+        top_k_budget_steps: Optional[int] = None,
         gumbel: bool = True,
         sgd_temperature: float = 0.07,
         sam: bool = True,
@@ -153,10 +200,13 @@ class ChimeraSeg(ZSSMethod):
         super().__init__(**kwargs)
         self.backbone = backbone
         if csh:
-            self.head = CLIPSemanticHead(self.teacher.model.visual, backbone.channels, head, **dict(csh_options or {}))
+            self.head = self._build_csh(backbone, head, dict(csh_options or {}), scratch_init)
         else:
             self.head = head(in_channels=backbone.channels, embed_dim=self.teacher.embed_dim)
         self.sgd, self.top_k_start, self.top_k_rate, self.gumbel = sgd, top_k_start, top_k_rate, gumbel
+        if top_k_positions is not None and top_k_positions < 1:
+            raise ValueError(f"method.top_k_positions must be >= 1 or null, got {top_k_positions}")
+        self.top_k_positions, self.top_k_budget_steps = top_k_positions, top_k_budget_steps
         self.sgd_temperature = sgd_temperature
         self.sam, self.sam_weight, self.tau_f, self.tau_c = sam, sam_weight, tau_f, tau_c
         self.logit_scale = logit_scale
@@ -190,8 +240,33 @@ class ChimeraSeg(ZSSMethod):
         return logits + bias.view(1, -1, 1, 1)
 
     # -- training ----------------------------------------------------------------------------------
+    def _build_csh(self, backbone: Backbone, head: Callable[..., nn.Module], options: dict, scratch_init: str) -> CLIPSemanticHead:
+        freeze = options.get("freeze_vencoder", True)
+        if freeze not in (True, False, "value"):
+            raise ValueError(f"method.csh.freeze_vencoder={freeze!r} is not one of [true, false, 'value']")
+        if scratch_init not in ("he", "clip"):
+            raise ValueError(f"method.scratch_init={scratch_init!r} is not one of ['he', 'clip']")
+        options["freeze_vencoder"] = freeze is True
+        csh = CLIPSemanticHead(self.teacher.model.visual, backbone.channels, head, **options)
+        if freeze == "value":  # Table VII: the value path (LN1, V, out-proj) stays CLIP's, the FFN learns
+            for block in csh.vencoder:
+                for name in ("ln_1", "v_proj", "out_proj", "ls_1"):
+                    if hasattr(block, name):
+                        getattr(block, name).requires_grad_(False)
+        if options.get("projection") == "scratch" and scratch_init == "he":
+            # Table V's "He [83]" row: Kaiming-normal over the fan-in (the visual width) of x·proj
+            with torch.no_grad():
+                csh.proj.normal_(0.0, math.sqrt(2.0 / csh.proj.shape[0]))
+        return csh
+
     def current_top_k(self, positions: int) -> int:
-        return scheduled_top_k(self.global_step, self.top_k_start, self.top_k_rate, positions)
+        """K of SGD at the current optimizer step for a map of ``positions`` (H·W) positions."""
+        step_scale = 1.0
+        if self.top_k_budget_steps is not None:
+            max_steps = self.trainer.max_steps if self._trainer is not None else -1
+            if max_steps and max_steps > 0:
+                step_scale = self.top_k_budget_steps / max_steps
+        return scheduled_top_k(self.global_step, self.top_k_start, self.top_k_rate, positions, self.top_k_positions, step_scale)
 
     def training_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         images, labels = batch["image"], batch["label"]
@@ -232,5 +307,7 @@ class ChimeraSeg(ZSSMethod):
         losses["focal"] = self.focal_weight * softmax_focal_loss(logits, target, self.ignore_index, self.focal_gamma)
         losses["ce"] = self.ce_weight * F.cross_entropy(logits, target, ignore_index=self.ignore_index)
         losses["loss"] = sum(losses.values())
+        # logged, not optimised: which K selected over how many positions (Sec. III-C)
         losses["top_k"] = torch.tensor(float(top_k))
+        losses["positions"] = torch.tensor(float(flat.shape[-1]))
         return losses
