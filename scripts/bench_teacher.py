@@ -18,13 +18,91 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import nullcontext
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from zeroseg.clip.teacher import CLIPTeacher
 from zeroseg.toolkit import encode_regions, generate_pseudo_masks
-from zeroseg.toolkit.pseudo_masks import generate_pseudo_masks_reference
+
+
+def _nearest_indices(out_size: int, in_size: int) -> np.ndarray:
+    # the source index torch's nearest interpolation picks: floor(dst * in / out)
+    return np.floor(np.arange(out_size) * (in_size / out_size)).astype(np.int64)
+
+
+def per_image_numpy_pseudo_masks(
+    dense_features: np.ndarray,
+    labels: np.ndarray,
+    num_seen: int,
+    ignore_index: int = 255,
+    window_sizes: Sequence[int] = (3, 7),
+    iterations: int = 10,
+    threshold: float = 0.9,
+    keep_singletons: bool = False,
+) -> np.ndarray:
+    """The straightforward per-image NumPy version of :func:`generate_pseudo_masks` (cosine
+    distance): plain loops over windows, clusters and Algorithm 1. The straightforward version this
+    benchmark times the batched one against (the tests keep their own independent reference).
+
+    ``dense_features (D, h, w)`` and ``labels (H, W)`` of one image; returns ``Ỹ (H, W)``.
+    """
+    dim, grid_h, grid_w = dense_features.shape
+    height, width = labels.shape
+    grid_labels = labels[np.ix_(_nearest_indices(grid_h, height), _nearest_indices(grid_w, width))]
+    unannotated = grid_labels == ignore_index
+    features = (dense_features * unannotated).astype(np.float32)  # Eq. 2
+    seeds = []
+    for k in window_sizes:
+        stride = max(k // 2, 1)
+        for top in range(0, grid_h - k + 1, stride):
+            for left in range(0, grid_w - k + 1, stride):
+                seeds.append(features[:, top : top + k, left : left + k].reshape(dim, -1).mean(axis=1))
+    centroids = np.stack(seeds).astype(np.float32)
+    seed_valid = np.linalg.norm(centroids, axis=1) > 0
+
+    def normalize(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    points = normalize(features.reshape(dim, -1).T)
+    centroids = normalize(centroids)
+    valid = unannotated.ravel()
+    sizes = np.zeros(len(centroids))
+    assignment = np.zeros(len(points), dtype=np.int64)
+    for _ in range(max(iterations, 1)):
+        similarity = points @ centroids.T
+        similarity[:, ~seed_valid] = -np.inf
+        assignment = similarity.argmax(axis=1)
+        for cluster in range(len(centroids)):
+            members = points[valid & (assignment == cluster)]
+            sizes[cluster] = len(members)
+            if len(members):
+                centroids[cluster] = normalize(members.mean(axis=0))
+    # Algorithm 1
+    cluster_valid = sizes > 0
+    similarity = centroids @ centroids.T
+    similarity[~cluster_valid, :] = -np.inf
+    similarity[:, ~cluster_valid] = -np.inf
+    np.fill_diagonal(similarity, -np.inf)
+    group = np.full(len(centroids), -1)
+    groups = 0
+    while similarity.max() >= threshold:
+        row = int(np.argmax(similarity)) // len(centroids)
+        members = similarity[row] > threshold
+        members[row] = True
+        group[members] = groups
+        groups += 1
+        similarity[members, :] = -np.inf
+        similarity[:, members] = -np.inf
+    if keep_singletons:
+        for cluster in np.flatnonzero(cluster_valid & (group < 0)):
+            group[cluster] = groups
+            groups += 1
+    point_group = np.where(valid, group[assignment], -1).reshape(grid_h, grid_w)
+    latent = point_group[np.ix_(_nearest_indices(height, grid_h), _nearest_indices(width, grid_w))]
+    latent = np.where(latent >= 0, latent + num_seen, ignore_index)
+    return np.where(labels != ignore_index, labels, latent)
 
 
 def timed(fn, device: str, repeats: int = 1) -> tuple[float, object]:
@@ -59,9 +137,7 @@ def bench_pseudo_masks(device: str) -> None:
     options = dict(window_sizes=(3, 7), iterations=10, threshold=0.9)
     batched_time, batched = timed(lambda: generate_pseudo_masks(features.to(device), labels.to(device), 5, **options), device, 3)
     started = time.perf_counter()
-    reference = np.stack(
-        [generate_pseudo_masks_reference(features[i].numpy(), labels[i].numpy(), 5, **options) for i in range(16)]
-    )
+    reference = np.stack([per_image_numpy_pseudo_masks(features[i].numpy(), labels[i].numpy(), 5, **options) for i in range(16)])
     numpy_time = time.perf_counter() - started
     match = float((batched.cpu().numpy() == reference).mean())
     print(
