@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from zeroseg.methods.query_baseline import QuerySegmenter
+from zeroseg.models.query_segmenter import QuerySegmenter
 from zeroseg.models.deformable_attention import multi_scale_deformable_attention
 from zeroseg.toolkit.matching import HungarianMatcher, SetCriterion, Targets, _bce_cost, _dice_cost, point_sample
 

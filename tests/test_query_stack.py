@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroseg.methods.query_baseline import QuerySegmenter
+from zeroseg.models.query_segmenter import QuerySegmenter
 from zeroseg.models.deformable_attention import multi_scale_deformable_attention
 from zeroseg.models.query_decoders import QueryPrediction, attention_mask_from_masks
 from zeroseg.toolkit.matching import (
