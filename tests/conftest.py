@@ -37,6 +37,9 @@ TINY_OVERRIDES: tuple[str, ...] = (
 )
 
 
+QUERY_METHODS = {"method=query_baseline", "method=split_matching"}
+
+
 def compose_test_config(
     tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train", tiny: bool = True
 ) -> DictConfig:
@@ -50,8 +53,8 @@ def compose_test_config(
         and o.split("=", 1)[0] not in explicit_keys
         # the scene-generator sizes exist only in the synthetic dataset
         and not (real_dataset and o.startswith(("dataset.train_dataset.", "dataset.val_dataset.", "dataset.test_dataset.")))
-        # the query stack has no dense decode head
-        and not ("method=query_baseline" in overrides and o.startswith("method.head."))
+        # the query methods have no dense decode head
+        and not (QUERY_METHODS & set(overrides) and o.startswith("method.head."))
     ]
     cfg = compose_config(config_name, [*(tiny_overrides if tiny else ()), *overrides], tmp_path / "run", root_dir=tmp_path)
     with open_dict(cfg):

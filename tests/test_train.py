@@ -190,3 +190,28 @@ def test_test_checkpoint_can_be_overridden_and_a_bad_value_stops_before_training
     with pytest.raises(ValueError, match=r"test_checkpoint='newest': expected one of auto, best, last"):
         train(bad)
     assert not (Path(bad.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("trainer_clip", [None, 0.5])
+def test_the_methods_own_gradient_clip_applies_unless_the_trainer_sets_one(make_cfg, monkeypatch, trainer_clip) -> None:
+    """``method.gradient_clip_norm`` (Mask2Former's full-model clip) bounds the gradient norm the
+    optimizer steps with; ``trainer.gradient_clip_val`` wins when given."""
+    from zeroseg.train import train
+
+    norms: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, closure):
+        loss = closure()  # Lightning's closure: forward, backward, then the gradient clipping
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, closure=lambda: loss)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    overrides = ["+method.gradient_clip_norm=0.001", "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    if trainer_clip is not None:
+        overrides.append(f"trainer.gradient_clip_val={trainer_clip}")
+    train(make_cfg(overrides))
+    limit = 0.001 if trainer_clip is None else trainer_clip
+    assert len(norms) == 3 and all(n <= limit * (1 + 1e-4) for n in norms), norms
+    assert max(norms) > 0.0009  # clipped to the limit, not vanished (unclipped norms are far larger)

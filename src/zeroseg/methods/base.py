@@ -186,6 +186,9 @@ class ZSSMethod(L.LightningModule):
             WEIGHT_DECAY_NORM = WEIGHT_DECAY_EMBED = 0, biases decay); ``[]`` decays everything.
         inference: whole-image or sliding-window evaluation (config group ``inference``);
             ``None`` = whole image.
+        gradient_clip_norm: the method's own clip of the whole model's gradient norm (Mask2Former:
+            ``CLIP_GRADIENTS`` full_model, 0.01), applied when ``trainer.gradient_clip_val`` is unset;
+            a trainer value wins. ``None`` = no clipping.
     """
 
     # False for training-free methods (evaluated without a checkpoint)
@@ -201,8 +204,12 @@ class ZSSMethod(L.LightningModule):
         lr_multipliers: Optional[Mapping[str, float]] = None,
         weight_decay_exempt: Sequence[str] = ("norm", "bias"),
         inference: Optional[SegmentationInference] = None,
+        gradient_clip_norm: Optional[float] = None,
     ) -> None:
         super().__init__()
+        if gradient_clip_norm is not None and not gradient_clip_norm > 0:
+            raise ValueError(f"method.gradient_clip_norm={gradient_clip_norm!r}: expected a positive norm or null")
+        self.gradient_clip_norm = gradient_clip_norm
         self.split = split
         self.setting = check_setting(setting)
         self.teacher = teacher
@@ -235,6 +242,17 @@ class ZSSMethod(L.LightningModule):
     def predict_logits(self, images: Tensor, class_embeddings: Tensor) -> Tensor:
         """Dense logits ``(B, len(class_embeddings), h, w)`` of images in ``[0, 1]``."""
         raise NotImplementedError(f"{type(self).__name__} must implement predict_logits()")
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+    ) -> None:
+        # the method's own clip (part of its recipe) unless the trainer sets one
+        if gradient_clip_val is None and self.gradient_clip_norm is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.gradient_clip_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     # -- shared helpers -------------------------------------------------------------------------
     @staticmethod
