@@ -29,3 +29,14 @@ def _run_dir(base: str, kind: str = "run", *, _root_: object) -> str:
 
 # `${run_dir:<base>}`: a new run directory no other launch shares, or the one resume=auto continues
 OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+
+
+def _sweep_dir(base: str) -> str:
+    from zeroseg.utils.run_dirs import new_run_dir
+
+    return str(new_run_dir(base))
+
+
+# `${sweep_dir:<base>}`: a new multirun directory. Cached: Hydra hands the submitting process's resolver
+# cache to every job, so jobs a launcher starts in fresh processes (submitit) write into the same sweep
+OmegaConf.register_new_resolver("sweep_dir", _sweep_dir, replace=True, use_cache=True)
