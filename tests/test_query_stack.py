@@ -240,6 +240,9 @@ def test_query_baseline_recipes_compose(make_cfg, name: str, steps: int) -> None
     assert cfg.method.segmenter.decoder_layers == 9 and cfg.method.matcher.num_points == 12544
     assert cfg.method.optimizer.lr == 1.0e-4 and dict(cfg.method.lr_multipliers) == {"backbone": 0.1}
     assert cfg.method.input_scale == 1.0  # the toy setting's x2 never reaches a paper recipe
+    # nor its narrower pixel decoder or warm-up; the clip is Mask2Former's own
+    assert cfg.method.segmenter.conv_dim == 256 and cfg.method.segmenter.mask_dim == 256
+    assert cfg.method.scheduler.warmup_steps == 0 and cfg.method.gradient_clip_norm == 0.01
     assert cfg.trainer.max_steps == steps and cfg.dataset.batch_size == 16 and cfg.backbone.model_name == "resnet101"
 
 
