@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from zeroseg.toolkit.set_losses import mask_dice_loss
+
 __all__ = [
     "INFERENCE_ORDERS",
     "PADDING_MODES",
@@ -264,12 +266,9 @@ def _mask_losses(logits: Tensor, targets: Tensor, num_masks: float, valid: Optio
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     if valid is None:
         bce = bce.mean(1).sum() / num_masks
-        probs = logits.sigmoid()
     else:
         bce = ((bce * valid).sum(1) / valid.sum(1).clamp_min(1e-6)).sum() / num_masks
-        probs = logits.sigmoid() * valid
-    dice = 1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
-    return bce, dice.sum() / num_masks
+    return bce, mask_dice_loss(logits, targets, valid=valid).sum() / num_masks
 
 
 class SetCriterion(nn.Module):

@@ -63,8 +63,11 @@ def soft_iou_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tenso
     return 1 - (intersection + smooth) / (union + smooth)
 
 
-def mask_dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
-    """Per-mask dice loss ``(N,)`` of logits and 0/1 targets ``(N, P)``."""
+def mask_dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0, valid: Optional[Tensor] = None) -> Tensor:
+    """Per-mask dice loss ``(N,)`` of logits and 0/1 targets ``(N, P)``; ``valid (N, P)`` (0/1) leaves
+    points out of the prediction's sums (the targets are 0 there)."""
     probs = logits.float().sigmoid()
+    if valid is not None:
+        probs = probs * valid
     targets = targets.float()
     return 1 - (2 * (probs * targets).sum(-1) + smooth) / (probs.sum(-1) + targets.sum(-1) + smooth)
