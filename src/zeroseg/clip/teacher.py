@@ -39,7 +39,7 @@ from zeroseg.utils.weights import read_weight_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIPTeacher", "dense_zero_shot_logits", "interpolate_position_embedding"]
+__all__ = ["CLIPTeacher", "dense_zero_shot_logits", "embed_visual_tokens", "interpolate_position_embedding"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -66,6 +66,20 @@ def _fingerprint(tensors: Sequence[Tensor]) -> str:
             array = array.view(torch.int16)
         digest.update(np.ascontiguousarray(array.numpy()).data)
     return digest.hexdigest()
+
+
+def embed_visual_tokens(visual: nn.Module, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The token sequence entering the first block of an open_clip ``VisionTransformer``,
+    ``(B, 1 + h·w, width)``, and the grid ``(h, w)``, for CLIP-normalised ``pixels``: patch embedding,
+    CLS token, position embeddings interpolated to the grid, ``ln_pre``. A function of the tower, so a
+    trainable copy of the teacher's tower (MAFT's IP-CLIP) embeds exactly as the teacher does."""
+    x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+    grid = (x.shape[-2], x.shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    cls_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls_token, x], dim=1)
+    x = x + interpolate_position_embedding(visual.positional_embedding, grid).to(x.dtype)
+    return visual.ln_pre(x), grid
 
 
 class CLIPTeacher(nn.Module):
@@ -258,16 +272,9 @@ class CLIPTeacher(nn.Module):
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
     def embed_tokens(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """The token sequence entering the first block, ``(B, 1 + h·w, width)``, and the grid ``(h, w)``:
-        patch embedding, CLS token, position embeddings interpolated to the grid, ``ln_pre``."""
-        visual = self.model.visual
-        x = visual.conv1(self.normalize(images).to(visual.conv1.weight.dtype))
-        grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        cls_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls_token, x], dim=1)
-        x = x + interpolate_position_embedding(visual.positional_embedding, grid).to(x.dtype)
-        return visual.ln_pre(x), grid
+        """The token sequence entering the first block, ``(B, 1 + h·w, width)``, and the grid ``(h, w)``
+        for images in ``[0, 1]`` (see :func:`embed_visual_tokens`)."""
+        return embed_visual_tokens(self.model.visual, self.normalize(images))
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:

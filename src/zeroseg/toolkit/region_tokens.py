@@ -28,7 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ["RegionTokens", "find_regions", "encode_regions", "region_attention_mask"]
+from zeroseg.clip.teacher import embed_visual_tokens
+
+__all__ = [
+    "RegionTokens",
+    "encode_masks",
+    "encode_regions",
+    "find_regions",
+    "masked_cls_forward",
+    "padded_regions",
+    "region_attention_mask",
+]
 
 Encoder = Literal["masked_image", "crop", "attention"]
 
@@ -143,29 +153,38 @@ def region_attention_mask(region_masks: Tensor, valid: Tensor) -> Tensor:
     return allowed
 
 
-def _attention_region_tokens(
-    teacher, images: Tensor, labels: Tensor, region_labels: Tensor, valid: Tensor, from_layer: int, mask_threshold: float
+def masked_cls_forward(
+    visual, pixels: Tensor, masks: Tensor, valid: Tensor, from_layer: int = -4, mask_threshold: float = 0.5
 ) -> Tensor:
-    visual = teacher.model.visual
+    """Region embeddings ``(B, R, D)`` of one pass of an open_clip ``VisionTransformer`` in which, from
+    block ``from_layer`` on, CLS copy ``r`` attends to itself and to the patches of ``masks[:, r]``
+    while patches attend only to patches (MAFT Sec. 4.1, Eqs. 2–4: bias 0 where allowed, −∞ elsewhere).
+
+    ``pixels`` are CLIP-normalised images; ``masks (B, R, H', W')`` (bool or soft, any resolution) are
+    resized to the token grid by area and thresholded at ``mask_threshold``; ``valid (B, R)`` marks real
+    regions (padded copies attend to themselves only and come out as zeros). Gradients flow, so a
+    trainable copy of a tower (IP-CLIP) runs the same code as the frozen teacher's ``attention`` encoder.
+    """
     if visual.pool_type != "tok":
         raise ValueError(
-            "region encoder 'attention' reads per-region CLS tokens and needs a CLS-pooled teacher "
-            f"(pool_type 'tok'); this teacher pools by {visual.pool_type!r}"
+            "region encoder 'attention' reads per-region CLS tokens and needs a CLS-pooled teacher or tower "
+            f"(pool_type 'tok'); this one pools by {visual.pool_type!r}"
         )
     blocks = visual.transformer.resblocks
     start = from_layer if from_layer >= 0 else len(blocks) + from_layer
     if not 0 <= start < len(blocks):
-        raise ValueError(f"region encoder from_layer={from_layer} is outside the teacher's {len(blocks)} blocks")
-    x, grid = teacher.embed_tokens(images)
+        raise ValueError(f"region encoder from_layer={from_layer} is outside the tower's {len(blocks)} blocks")
+    if masks.dim() != 4 or masks.shape[:2] != valid.shape:
+        raise ValueError(f"masks must be (B, R, H, W) with (B, R) = valid's {tuple(valid.shape)}, got {tuple(masks.shape)}")
+    x, grid = embed_visual_tokens(visual, pixels)
     for block in blocks[:start]:
         x = block(x)
     # region masks on the token grid, thresholded (MAFT: sigmoid masks ≥ 0.5 after resizing)
-    masks = (labels.unsqueeze(1) == region_labels.view(*region_labels.shape, 1, 1)).float()
-    masks = F.interpolate(masks, size=grid, mode="area") >= mask_threshold
-    masks = masks.flatten(2)
-    regions = region_labels.shape[1]
+    token_masks = F.interpolate(masks.float(), size=grid, mode="area") >= mask_threshold
+    token_masks = token_masks.flatten(2)
+    regions = masks.shape[1]
     sequence = torch.cat([x[:, :1].expand(-1, regions, -1), x[:, 1:]], dim=1)
-    allowed = region_attention_mask(masks, valid)
+    allowed = region_attention_mask(token_masks, valid)
     heads = blocks[0].attn.num_heads
     bias = torch.zeros(allowed.shape, dtype=sequence.dtype, device=sequence.device).masked_fill(~allowed, float("-inf"))
     bias = bias.repeat_interleave(heads, dim=0)
@@ -173,3 +192,48 @@ def _attention_region_tokens(
         sequence = block(sequence, attn_mask=bias)
     tokens = visual.ln_post(sequence[:, :regions]) @ visual.proj
     return tokens.masked_fill(~valid.unsqueeze(-1), 0.0)
+
+
+def _attention_region_tokens(
+    teacher, images: Tensor, labels: Tensor, region_labels: Tensor, valid: Tensor, from_layer: int, mask_threshold: float
+) -> Tensor:
+    masks = labels.unsqueeze(1) == region_labels.view(*region_labels.shape, 1, 1)
+    return masked_cls_forward(teacher.model.visual, teacher.normalize(images), masks, valid, from_layer, mask_threshold)
+
+
+@torch.no_grad()
+def encode_masks(
+    teacher,
+    images: Tensor,
+    masks: Tensor,
+    valid: Tensor,
+    encoder: Encoder = "crop",
+    crop_size: int = 224,
+    max_regions_per_forward: int = 64,
+    from_layer: int = -4,
+    mask_threshold: float = 0.5,
+) -> Tensor:
+    """Frozen-teacher embeddings ``(B, R, D)`` of arbitrary binary region masks ``(B, R, H, W)`` (e.g.
+    mask proposals, thresholded), with the same encoders as :func:`encode_regions`; padded slots
+    (``~valid``) are zeros. The multi-pass "frozen CLIP" baseline is ``encoder="crop"``."""
+    if encoder not in ("masked_image", "crop", "attention"):
+        raise ValueError(f"region encoder {encoder!r} is not one of ['masked_image', 'crop', 'attention']")
+    if masks.shape[:2] != valid.shape or masks.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"masks {tuple(masks.shape)} must be (B, R, H, W) with (B, R) = valid {tuple(valid.shape)} "
+            f"and (H, W) = the images' {tuple(images.shape[-2:])}"
+        )
+    if encoder == "attention":
+        return masked_cls_forward(teacher.model.visual, teacher.normalize(images), masks, valid, from_layer, mask_threshold)
+    tokens = images.new_zeros(*valid.shape, teacher.embed_dim)
+    image_index, slot = torch.nonzero(valid, as_tuple=True)
+    if not len(image_index):
+        return tokens
+    region_masks = masks[image_index, slot].bool()
+    fill = teacher.pixel_mean.view(3).to(images.device)
+    chunks = []
+    for start in range(0, len(image_index), max_regions_per_forward):
+        chunk = slice(start, start + max_regions_per_forward)
+        chunks.append(teacher.encode_image(_region_inputs(images, region_masks[chunk], image_index[chunk], encoder, fill, crop_size))[0])
+    tokens[image_index, slot] = torch.cat(chunks).to(tokens.dtype)
+    return tokens
