@@ -37,7 +37,7 @@ TINY_OVERRIDES: tuple[str, ...] = (
 )
 
 
-QUERY_METHODS = {"method=query_baseline", "method=split_matching"}
+QUERY_METHODS = {"method=query_baseline", "method=split_matching", "method=deop", "method=multipass_clip", "method=maft"}
 
 
 def compose_test_config(

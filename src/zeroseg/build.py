@@ -179,6 +179,14 @@ def run_choices() -> dict[str, Any]:
     return {group: choices.get(group) for group in RECORDED_CHOICES if group in choices}
 
 
+def _resolved(cfg: DictConfig, group: str) -> Optional[dict[str, Any]]:
+    try:
+        return OmegaConf.to_container(cfg[group], resolve=True)  # type: ignore[return-value]
+    except Exception as error:  # noqa: BLE001 - recorded for later rebuilding only; never stops a run
+        log.warning("the %s config cannot be resolved for the checkpoint (%s): it is recorded unresolved", group, error)
+        return OmegaConf.to_container(cfg[group], resolve=False)  # type: ignore[return-value]
+
+
 def build_run(cfg: DictConfig, with_callbacks: bool = True) -> dict[str, Any]:
     """Instantiate datamodule, teacher, backbone, method, callbacks, loggers and trainer."""
     check_trainer_values(cfg.trainer)
@@ -196,6 +204,7 @@ def build_run(cfg: DictConfig, with_callbacks: bool = True) -> dict[str, Any]:
         split=datamodule.split, setting=datamodule.setting, teacher=teacher, backbone=backbone, inference=inference
     )
     model.run_choices = run_choices()
+    model.run_model_config = {group: _resolved(cfg, group) for group in ("backbone", "method")}
     callbacks = instantiate_callbacks(cfg.get("callbacks")) if with_callbacks else []
     loggers = instantiate_loggers(cfg.get("logger"), run_dir=cfg.paths.get("output_dir"))
     if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):

@@ -233,6 +233,9 @@ class ZSSMethod(L.LightningModule):
         self.last_loss_terms: dict[str, Tensor] = {}
         # the config-group choices of the run (set by zeroseg.build), recorded in checkpoints for error messages
         self.run_choices: dict[str, Any] = {}
+        # the run's resolved backbone and method configs (set by zeroseg.build): lets a later run rebuild
+        # this model from the checkpoint alone (models.proposals)
+        self.run_model_config: dict[str, Any] = {}
 
     # -- what a method implements ----------------------------------------------------------------
     def training_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -374,7 +377,11 @@ class ZSSMethod(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)}
-        checkpoint["zeroseg"] = {**self.describe(), "config_choices": dict(self.run_choices)}
+        checkpoint["zeroseg"] = {
+            **self.describe(),
+            "config_choices": dict(self.run_choices),
+            "model_config": dict(self.run_model_config),
+        }
         checkpoint["rng_states"] = _capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
