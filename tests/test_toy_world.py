@@ -220,6 +220,48 @@ def test_benchmark_arguments_are_split_between_the_benchmark_and_every_run(tmp_p
         benchmark_rows(load_benchmark_config("toy", ["methods=[nope]"]))
 
 
+def test_a_two_stage_row_runs_after_its_first_stage_and_gets_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """``stage1: {method: row}``: each seed's run of the two-stage row gets the first-stage row's checkpoint of
+    the same seed, runs after it, and its time in the table includes it."""
+    import zeroseg.toy.benchmark as benchmark
+
+    calls: list[tuple[str, int, list[str]]] = []
+
+    def fake_compose(name, overrides, run_dir, root_dir=None):
+        calls.append((name, int(next(o for o in overrides if o.startswith("seed="))[5:]), list(overrides)))
+        return OmegaConf.create({"seed": 0, "clip": {"arch": "toy", "pretrained": None}})
+
+    seconds = {"baseline": 10.0, "c2s": 3.0, "clip_zero_shot": 1.0}
+
+    def fake_run(cfg):
+        method = next(o for o in calls[-1][2] if o.startswith("method="))[7:]
+        clock[0] += seconds[method]
+        return {k: 50.0 for k in COLUMNS}, None
+
+    clock = [0.0]
+    monkeypatch.setattr(benchmark, "compose_config", fake_compose)
+    monkeypatch.setattr(benchmark, "train", fake_run)
+    monkeypatch.setattr(benchmark, "evaluate", fake_run)
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+    bench = load_benchmark_config(
+        "toy", ["seeds=[0,1]", "methods=[c2s,clip_zero_shot,baseline]", "oracle=false", "extra_rows=[]", "stage1={c2s: baseline, clip_zero_shot: baseline}"]
+    )
+    results = benchmark.run_benchmark(bench, tmp_path)
+    order = [(next(o for o in overrides if o.startswith("method="))[7:], seed) for _, seed, overrides in calls]
+    assert order == [("baseline", 0), ("baseline", 1), ("c2s", 0), ("c2s", 1), ("clip_zero_shot", 0), ("clip_zero_shot", 1)]
+    for _, seed, overrides in calls[2:]:
+        assert f"method.proposals.ckpt_path={tmp_path / 'baseline' / f'seed{seed}' / 'checkpoints' / 'last.ckpt'}" in overrides
+    assert not any(o.startswith("method.proposals") for _, _, overrides in calls[:2] for o in overrides)
+    rows = {row["row"]: row for row in results["rows"]}
+    assert [row["row"] for row in results["rows"]] == ["c2s", "clip_zero_shot", "baseline"]  # table order kept
+    assert rows["c2s"]["stage1_seconds"] == 10.0 and rows["c2s"]["seconds"] == 3.0
+    assert results["total_seconds"] == 2 * 10.0 + 2 * 3.0 + 2 * 1.0  # the first stage counted once
+    markdown = benchmark.format_markdown(results)
+    assert "| 13 (10 stage 1 + 3) |" in next(line for line in markdown.splitlines() if line.startswith("| c2s "))
+    with pytest.raises(ValueError, match=r"benchmark.stage1: c2s's first stage is the 'baseline' row, which must be"):
+        benchmark_rows(load_benchmark_config("toy", ["methods=[c2s]", "stage1={c2s: baseline}"]))
+
+
 def test_no_lower_layer_imports_a_method_or_the_training_entry_points() -> None:
     # The toy CLIP's evaluation once imported methods.clip_zero_shot; the data layer instantiates the
     # toy scenes. A fresh interpreter shows what each layer pulls in.

@@ -26,6 +26,11 @@ record whose overrides differ from what the run would get now stops the benchmar
 benchmark without retraining the others. ``Total`` in the table is the sum of the runs' own times,
 so it does not depend on how many invocations it took.
 
+Two-stage methods (DeOP, MAFT, ``multipass_clip`` on frozen proposals) name their first stage in
+``stage1: {method: row}``: each seed's run gets that row's run of the same seed as
+``method.proposals.ckpt_path=<its run>/checkpoints/last.ckpt``, runs after every one-stage row, and
+its time in the table includes the first stage's (``Total`` counts that run once).
+
 Reference rows bound the problem: ``clip_zero_shot`` (the teacher's own dense prediction, no
 training) from below, and ``oracle`` (the first trainable method trained with
 ``dataset.setting=supervised``, i.e. with unseen labels too) from above. Every row names the
@@ -84,6 +89,9 @@ class BenchmarkRow:
     method: str
     trainable: bool
     overrides: list[str] = field(default_factory=list)
+    # the row whose run of the same seed is this row's first stage (its last checkpoint becomes
+    # ``method.proposals.ckpt_path``); ``None`` for one-stage methods
+    stage1: str | None = None
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
@@ -125,8 +133,17 @@ def _teacher_name(cfg: DictConfig) -> str:
 RUN_RECORD = "benchmark_run.json"
 
 
-def _run_overrides(bench: DictConfig, row: BenchmarkRow, seed: int) -> list[str]:
-    return [f"method={row.method}", f"seed={seed}", *bench.overrides, *row.overrides, *bench.run_overrides]
+STAGE1_KEY = "method.proposals.ckpt_path"
+
+
+def _run_overrides(bench: DictConfig, row: BenchmarkRow, seed: int, run_dir: Path | None = None) -> list[str]:
+    overrides = [f"method={row.method}", f"seed={seed}", *bench.overrides, *row.overrides]
+    if row.stage1 is not None:
+        if run_dir is None:
+            raise ValueError(f"benchmark row {row.name!r} has a first stage: its overrides need the run directory")
+        stage1_dir = run_dir / _row_directory_name(row.stage1) / f"seed{seed}"
+        overrides.append(f"{STAGE1_KEY}={stage1_dir / 'checkpoints' / 'last.ckpt'}")
+    return [*overrides, *bench.run_overrides]
 
 
 def _finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
@@ -143,8 +160,7 @@ def _finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
     return record["run"]
 
 
-def _run_one(bench: DictConfig, run_dir: Path, row: BenchmarkRow, seed: int) -> dict[str, Any]:
-    overrides = _run_overrides(bench, row, seed)
+def _run_one(bench: DictConfig, run_dir: Path, row: BenchmarkRow, seed: int, overrides: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     if row.trainable:
         cfg = compose_config("train", overrides, run_dir, root_dir=bench.root_dir)
@@ -170,18 +186,30 @@ def benchmark_rows(bench: DictConfig) -> list[BenchmarkRow]:
     methods = list(available) if bench.methods == "all" else list(bench.methods)
     method_overrides: dict[str, list[str]] = _container(bench.get("method_overrides"), {})
     extra_rows: list[dict[str, Any]] = _container(bench.get("extra_rows"), [])
+    stage1: dict[str, str] = _container(bench.get("stage1"), {})
     named = {"benchmark.methods": methods, "benchmark.method_overrides": list(method_overrides)}
+    named["benchmark.stage1"] = list(stage1)
     named["benchmark.extra_rows"] = [r.get("method") for r in extra_rows]
     for key, names in named.items():
         unknown = [m for m in names if m not in available]
         if unknown:
             raise ValueError(f"{key} names {unknown}; registered methods are {sorted(available)}")
+    for method, source in stage1.items():
+        if method not in methods:
+            continue
+        if source not in methods or not available[source] or source in stage1:
+            raise ValueError(
+                f"benchmark.stage1: {method}'s first stage is the {source!r} row, which must be a trainable one-stage "
+                f"method among benchmark.methods ({methods})"
+            )
     rows = []
     for method in methods:  # a method's extra rows follow its own row
-        rows.append(BenchmarkRow(method, method, available[method], list(method_overrides.get(method, []))))
+        rows.append(
+            BenchmarkRow(method, method, available[method], list(method_overrides.get(method, [])), stage1.get(method))
+        )
         for extra in (e for e in extra_rows if e["method"] == method):
             overrides = [*method_overrides.get(method, []), *extra.get("overrides", [])]
-            rows.append(BenchmarkRow(extra["row"], method, available[method], overrides))
+            rows.append(BenchmarkRow(extra["row"], method, available[method], overrides, stage1.get(method)))
     if bench.oracle:
         oracle_method = next((m for m in methods if available[m]), None)
         if oracle_method is None:
@@ -191,15 +219,25 @@ def benchmark_rows(bench: DictConfig) -> list[BenchmarkRow]:
     return rows
 
 
+def _row_directory_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")
+
+
 def _row_directory(row: BenchmarkRow) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in row.name).strip("_")
+    return _row_directory_name(row.name)
 
 
 def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every row of the benchmark into ``run_dir``; returns the JSON-able results."""
     rows = benchmark_rows(bench)
     seeds = list(bench.seeds)
-    plan = [(row, seed) for row in rows for seed in (seeds if row.trainable else seeds[:1])]  # training-free rows do not vary
+    # training-free rows do not vary with the seed, unless their first stage does; two-stage rows run after
+    # every one-stage row, so their first stage has finished
+    plan = [
+        (row, seed)
+        for row in sorted(rows, key=lambda r: r.stage1 is not None)
+        for seed in (seeds if row.trainable or row.stage1 is not None else seeds[:1])
+    ]
     results: dict[str, Any] = {
         "name": bench.name,
         "seeds": seeds,
@@ -213,13 +251,14 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
     for index, (row, seed) in enumerate(plan, start=1):
         progress = (bench.name, index, len(plan), row.name, seed)
         seed_dir = run_dir / _row_directory(row) / f"seed{seed}"
-        run = _finished_run(seed_dir, _run_overrides(bench, row, seed))
+        overrides = _run_overrides(bench, row, seed, run_dir)
+        run = _finished_run(seed_dir, overrides)
         if run is not None:
             log.info("benchmark %s: run %d/%d — %s, seed %d: reused (%s)", *progress, seed_dir / RUN_RECORD)
             results["reused_runs"] += 1
         else:
             log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
-            run = _run_one(bench, seed_dir, row, seed)
+            run = _run_one(bench, seed_dir, row, seed, overrides)
             log.info(
                 "benchmark %s: run %d/%d done — %s, seed %d: hIoU %.2f in %.0f s (elapsed %s)",
                 *progress, run["hIoU"], run["seconds"], _clock(started),
@@ -227,6 +266,7 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
         runs_by_row[row.name].append(run)
     for row in rows:
         runs = runs_by_row[row.name]
+        stage1_seconds = statistics.fmean(r["seconds"] for r in runs_by_row[row.stage1]) if row.stage1 else None
         results["rows"].append(
             {
                 "row": row.name,
@@ -237,6 +277,8 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "runs": runs,
                 **{k: _summary([r[k] for r in runs]) for k in COLUMNS},
                 "seconds": statistics.fmean(r["seconds"] for r in runs),
+                "stage1": row.stage1,
+                "stage1_seconds": stage1_seconds,
             }
         )
     # the runs' own times: the same whether the benchmark ran in one go or was resumed
@@ -264,15 +306,24 @@ def format_markdown(results: dict[str, Any]) -> str:
     ]
     for row in results["rows"]:
         cells = [f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in COLUMNS]
+        seconds = f"{row['seconds']:.0f}"
+        if row.get("stage1"):  # its own run + the first stage's (the other row's run of the same seed)
+            seconds = f"{row['seconds'] + row['stage1_seconds']:.0f} ({row['stage1_seconds']:.0f} stage 1 + {row['seconds']:.0f})"
         lines.append(
-            f"| {row['row']} | {'yes' if row['trained'] else 'no'} | {row['teacher']} | "
-            + " | ".join(cells)
-            + f" | {row['seconds']:.0f} |"
+            f"| {row['row']} | {'yes' if row['trained'] else 'no'} | {row['teacher']} | " + " | ".join(cells) + f" | {seconds} |"
         )
     overridden = [row for row in results["rows"] if row.get("overrides")]
     if overridden:
         lines += ["", "Row overrides (after the shared ones):", ""]
         lines += [f"- {row['row']}: " + " ".join(f"`{o}`" for o in row["overrides"]) for row in overridden]
+    two_stage = [row for row in results["rows"] if row.get("stage1")]
+    if two_stage:
+        lines += ["", "Two-stage rows (their time includes the first stage's run; Total counts it once):", ""]
+        lines += [
+            f"- {row['row']}: stage 1 = the `{row['stage1']}` row's run of the same seed "
+            f"(`{STAGE1_KEY}=<its run>/checkpoints/last.ckpt`)"
+            for row in two_stage
+        ]
     return "\n".join(lines) + "\n"
 
 
