@@ -156,3 +156,46 @@ def test_attention_encoder_needs_a_cls_pooled_teacher() -> None:
     mean_pooled = CLIPTeacher(arch="toy", random_init=True, model_cfg=model_cfg)
     with pytest.raises(ValueError, match="CLS-pooled teacher"):
         encode_regions(mean_pooled, images, labels, encoder="attention")
+
+
+def test_masked_images_resized_to_masked_image_size_keep_their_aspect(tiny_teacher) -> None:
+    """``masked_image_size``: the teacher sees Eq. 3's masked image resized (bilinear, antialiased) so its longer
+    side is the given size; the token equals the teacher's CLS of that image computed here by hand."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(1, 3, 48, 32, generator=generator)
+    labels = torch.full((1, 48, 32), 255)
+    labels[0, 10:40, 4:20] = 3
+    result = encode_regions(tiny_teacher, images, labels, encoder="masked_image", masked_image_size=24)
+    masked = images * (labels == 3).unsqueeze(1)
+    resized = torch.nn.functional.interpolate(masked, size=(24, 16), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(result.tokens[0, 0], tiny_teacher.encode_image(resized)[0][0], rtol=1e-4, atol=1e-5)
+    full = encode_regions(tiny_teacher, images, labels, encoder="masked_image")
+    assert not torch.allclose(full.tokens, result.tokens)  # the size changes what the teacher sees
+    with pytest.raises(ValueError, match="masked_image_size=0"):
+        encode_regions(tiny_teacher, images, labels, encoder="masked_image", masked_image_size=0)
+
+
+@pytest.mark.parametrize("encoder", ["masked_image", "crop"])
+def test_encode_masks_equals_a_per_mask_loop(tiny_teacher, encoder: str) -> None:
+    """Arbitrary binary masks (proposals): each valid slot is the teacher's CLS of that mask's input, built here
+    by hand (masked image, or the mask's box filled with CLIP's mean colour outside the mask and resized)."""
+    from torchvision.ops import roi_align
+
+    from zeroseg.toolkit.region_tokens import encode_masks
+
+    images, labels = make_batch()
+    masks = torch.stack([torch.stack([labels[0] == 0, labels[0] == 5, labels[0] == 0]), torch.stack([labels[1] == 2] * 3)])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    tokens = encode_masks(tiny_teacher, images, masks, valid, encoder=encoder, crop_size=16, max_regions_per_forward=1)
+    mean = tiny_teacher.pixel_mean.view(1, 3, 1, 1)
+    for b, r in [(0, 0), (0, 1), (1, 0)]:
+        mask = masks[b, r]
+        if encoder == "masked_image":
+            region = images[b : b + 1] * mask
+        else:
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            filled = torch.where(mask, images[b : b + 1], mean)
+            box = torch.tensor([[0, xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+            region = roi_align(filled, box, output_size=(16, 16), spatial_scale=1.0, sampling_ratio=2, aligned=False)
+        torch.testing.assert_close(tokens[b, r], tiny_teacher.encode_image(region)[0][0], rtol=1e-4, atol=1e-5)
+    assert (tokens[~valid] == 0).all()

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointFileError",
+    "build_model",
     "build_run",
     "check_checkpoint_fits",
     "check_checkpoint_path",
@@ -187,9 +188,8 @@ def _resolved(cfg: DictConfig, group: str) -> Optional[dict[str, Any]]:
         return OmegaConf.to_container(cfg[group], resolve=False)  # type: ignore[return-value]
 
 
-def build_run(cfg: DictConfig, with_callbacks: bool = True) -> dict[str, Any]:
-    """Instantiate datamodule, teacher, backbone, method, callbacks, loggers and trainer."""
-    check_trainer_values(cfg.trainer)
+def build_model(cfg: DictConfig) -> tuple[ZSSDataModule, CLIPTeacher, ZSSMethod]:
+    """The datamodule (not set up: no data is read), the teacher and the method of a composed config."""
     log.info("dataset: %s", cfg.dataset._target_)
     datamodule: ZSSDataModule = hydra.utils.instantiate(cfg.dataset)
     log.info("clip teacher: %s (%s)", cfg.clip.arch, cfg.clip.get("pretrained"))
@@ -205,6 +205,13 @@ def build_run(cfg: DictConfig, with_callbacks: bool = True) -> dict[str, Any]:
     )
     model.run_choices = run_choices()
     model.run_model_config = {group: _resolved(cfg, group) for group in ("backbone", "method")}
+    return datamodule, teacher, model
+
+
+def build_run(cfg: DictConfig, with_callbacks: bool = True) -> dict[str, Any]:
+    """Instantiate datamodule, teacher, backbone, method, callbacks, loggers and trainer."""
+    check_trainer_values(cfg.trainer)
+    datamodule, teacher, model = build_model(cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks")) if with_callbacks else []
     loggers = instantiate_loggers(cfg.get("logger"), run_dir=cfg.paths.get("output_dir"))
     if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):

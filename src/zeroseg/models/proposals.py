@@ -151,7 +151,16 @@ def load_proposal_model(
     backbone_cfg["pretrained"] = None  # the checkpoint holds the trained weights
     backbone = hydra.utils.instantiate(backbone_cfg)
     method_cfg = model_config["method"]
-    segmenter_options = dict(method_cfg.get("segmenter") or {})
+    # query_baseline / split_matching keep the sizes at method.segmenter; methods whose query model is one
+    # stream of several (DeOP, multipass_clip trained jointly) at method.proposals.segmenter
+    if method_cfg.get("segmenter") is None and isinstance(method_cfg.get("proposals"), Mapping):
+        method_cfg = method_cfg["proposals"]
+    if method_cfg.get("segmenter") is None:
+        raise ValueError(
+            f"{key}={ckpt_path!r}: its run's method config has neither method.segmenter nor method.proposals.segmenter; "
+            f"proposals come from a query model: `{produced_by}`"
+        )
+    segmenter_options = dict(method_cfg["segmenter"])
     joint_dim = int(info["teacher"]["embed_dim"])
     segmenter = QuerySegmenter(list(backbone.channels), list(backbone.strides), joint_dim, **segmenter_options)
     for name, module, module_state in (("backbone", backbone, backbone_state), ("segmenter", segmenter, segmenter_state)):

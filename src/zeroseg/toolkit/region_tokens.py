@@ -5,7 +5,9 @@ through the teacher in one batched, chunked forward.
 Encoders (``encoder``):
 
 * ``masked_image`` (default, the paper's literal Eq. 3): the image multiplied by the region mask
-  (black outside), at the image's own resolution;
+  (black outside), at the image's own resolution, or resized (bilinear, aspect kept) so that its longer
+  side is ``masked_image_size`` (224: CLIP's pre-training resolution, ~5× fewer teacher FLOPs per region
+  than 512² — the paper does not say at which size its masked images enter CLIP);
 * ``crop``: the region's bounding box, pixels outside the region filled with CLIP's mean colour,
   resized to ``crop_size`` (the zsseg / DeOP multi-pass baseline);
 * ``attention``: one pass per image in which, from block ``from_layer`` on, one copy of the CLS
@@ -21,7 +23,7 @@ of regions in the batch with a validity mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,10 +87,17 @@ def padded_regions(labels: Tensor, ignore_index: int = 255, min_pixels: int = 1)
     return image_index, region_label, slot, padded_labels, valid
 
 
-def _region_inputs(images: Tensor, masks: Tensor, image_index: Tensor, encoder: Encoder, fill: Tensor, crop_size: int) -> Tensor:
+def _region_inputs(
+    images: Tensor, masks: Tensor, image_index: Tensor, encoder: Encoder, fill: Tensor, crop_size: int, masked_image_size: Optional[int] = None
+) -> Tensor:
     region_images = images[image_index]
     if encoder == "masked_image":
-        return region_images * masks.unsqueeze(1)
+        masked = region_images * masks.unsqueeze(1)
+        if masked_image_size is None or max(masked.shape[-2:]) == masked_image_size:
+            return masked
+        scale = masked_image_size / max(masked.shape[-2:])
+        size = [max(1, round(side * scale)) for side in masked.shape[-2:]]
+        return F.interpolate(masked, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
     # crop: fill outside with the mean colour, then crop the mask's box and resize (bilinear)
     filled = torch.where(masks.unsqueeze(1), region_images, fill.view(1, 3, 1, 1).to(images.dtype))
     rows, cols = masks.any(dim=2), masks.any(dim=1)
@@ -113,15 +122,20 @@ def encode_regions(
     min_pixels: int = 1,
     from_layer: int = -4,
     mask_threshold: float = 0.5,
+    masked_image_size: Optional[int] = None,
 ) -> RegionTokens:
     """CLIP embeddings of every region of ``labels`` in ``images`` (in ``[0, 1]``).
 
     ``max_regions_per_forward`` chunks the teacher forward of the image encoders to bound memory.
+    ``masked_image_size`` (``masked_image`` only): the longer side the masked images are resized to before
+    the teacher (``None``: the image's own resolution, the literal Eq. 3).
     ``from_layer`` (``attention`` only): first block with per-region CLS copies; negative values
     count from the end (-4: the last four blocks, MAFT's L = 8 for the 12 blocks of ViT-B).
     """
     if encoder not in ("masked_image", "crop", "attention"):
         raise ValueError(f"region encoder {encoder!r} is not one of ['masked_image', 'crop', 'attention']")
+    if masked_image_size is not None and not (isinstance(masked_image_size, int) and masked_image_size > 0):
+        raise ValueError(f"masked_image_size={masked_image_size!r}: expected a positive whole number of pixels or null")
     image_index, region_label, slot, padded_labels, valid = padded_regions(labels, ignore_index, min_pixels)
     tokens = images.new_zeros(*valid.shape, teacher.embed_dim)
     if not len(image_index):
@@ -134,7 +148,8 @@ def encode_regions(
     for start in range(0, len(image_index), max_regions_per_forward):
         index = image_index[start : start + max_regions_per_forward]
         masks = labels[index] == region_label[start : start + max_regions_per_forward].view(-1, 1, 1)
-        chunks.append(teacher.encode_image(_region_inputs(images, masks, index, encoder, fill, crop_size))[0])
+        inputs = _region_inputs(images, masks, index, encoder, fill, crop_size, masked_image_size)
+        chunks.append(teacher.encode_image(inputs)[0])
     tokens[image_index, slot] = torch.cat(chunks).to(tokens.dtype)
     return RegionTokens(tokens, padded_labels, valid)
 
