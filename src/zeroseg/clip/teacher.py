@@ -25,8 +25,9 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import open_clip
@@ -39,7 +40,18 @@ from zeroseg.utils.weights import read_weight_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIPTeacher", "dense_zero_shot_logits", "embed_visual_tokens", "interpolate_position_embedding"]
+__all__ = [
+    "CLIPTeacher",
+    "VisualPromptTensors",
+    "dense_zero_shot_logits",
+    "embed_visual_tokens",
+    "interpolate_position_embedding",
+    "mask_guided_attention",
+    "resolve_layer_indices",
+    "severed_block_forward",
+    "visual_forward",
+    "visual_token_embeddings",
+]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,17 +80,25 @@ def _fingerprint(tensors: Sequence[Tensor]) -> str:
     return digest.hexdigest()
 
 
-def embed_visual_tokens(visual: nn.Module, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """The token sequence entering the first block of an open_clip ``VisionTransformer``,
-    ``(B, 1 + h·w, width)``, and the grid ``(h, w)``, for CLIP-normalised ``pixels``: patch embedding,
-    CLS token, position embeddings interpolated to the grid, ``ln_pre``. A function of the tower, so a
-    trainable copy of the teacher's tower (MAFT's IP-CLIP) embeds exactly as the teacher does."""
+def visual_token_embeddings(visual: nn.Module, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The token sequence of an open_clip ``VisionTransformer`` BEFORE ``ln_pre``, ``(B, 1 + h·w, width)``,
+    and the grid ``(h, w)``: patch embedding, CLS token, position embeddings interpolated to the grid.
+    Prompts that act in the embedding space (DeOP's visual prompts, Sec. 3.2) are added here."""
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     cls_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls_token, x], dim=1)
     x = x + interpolate_position_embedding(visual.positional_embedding, grid).to(x.dtype)
+    return x, grid
+
+
+def embed_visual_tokens(visual: nn.Module, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The token sequence entering the first block of an open_clip ``VisionTransformer``,
+    ``(B, 1 + h·w, width)``, and the grid ``(h, w)``, for CLIP-normalised ``pixels``: patch embedding,
+    CLS token, position embeddings interpolated to the grid, ``ln_pre``. A function of the tower, so a
+    trainable copy of the teacher's tower (MAFT's IP-CLIP) embeds exactly as the teacher does."""
+    x, grid = visual_token_embeddings(visual, pixels)
     return visual.ln_pre(x), grid
 
 
@@ -293,9 +313,174 @@ class CLIPTeacher(nn.Module):
         dense = dense.transpose(1, 2).reshape(x.shape[0], -1, *grid)
         return cls_embedding, dense
 
+    def encode_image_severed(
+        self,
+        images: Tensor,
+        severance: Optional[Mapping[int, float]] = None,
+        mps_layers: Sequence[int] = (),
+        mps_masks: Optional[Tensor] = None,
+        mps_normalization: str = "softmax",
+        visual_prompts: Optional["VisualPromptTensors"] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`encode_image` with DeOP's patch severance and visual prompts (see :func:`visual_forward`),
+        for images in ``[0, 1]``; gradients enabled (they reach the prompts, never the frozen weights)."""
+        return visual_forward(
+            self.model.visual, self.normalize(images), severance, mps_layers, mps_masks, mps_normalization, visual_prompts
+        )
+
 
 def dense_zero_shot_logits(teacher: "CLIPTeacher", images: Tensor, class_embeddings: Tensor) -> Tensor:
     """Cosine similarity ``(B, C, h, w)`` of every teacher patch token with every class embedding."""
     _, dense = teacher.encode_image(images)
     dense = F.normalize(dense, dim=1)
     return (dense.permute(0, 2, 3, 1) @ F.normalize(class_embeddings, dim=-1).to(dense.dtype).t()).permute(0, 3, 1, 2)
+
+
+# -- DeOP's one-pass visual forward: patch severance and visual prompts (deop.txt Secs. 3.2, 4.1) ----------
+
+
+@dataclass
+class VisualPromptTensors:
+    """What visual prompts add to one forward of the tower, already at the forward's token grid.
+
+    * ``input_addition`` ``(1 + h·w, width)``: added to the token sequence before ``ln_pre`` (VPT
+      "adding": one prompt per patch, element-wise, Sec. 3.2 and App. B; the public recipe's learnable
+      position embedding at the input). Its first row is the CLS token's.
+    * ``prepended`` ``(P, width)``: prompt tokens inserted after the CLS token before ``ln_pre`` (VPT
+      "prepending", App. B); they are dropped before the output.
+    * ``layer_additions`` ``{block index: (1 + h·w, width)}``: added to the sequence entering that block
+      (the public recipe's learnable position embeddings before blocks 1–5); prepended tokens get nothing.
+    """
+
+    input_addition: Optional[Tensor] = None
+    prepended: Optional[Tensor] = None
+    layer_additions: Mapping[int, Tensor] = field(default_factory=dict)
+
+
+def resolve_layer_indices(layers: Iterable[int], num_layers: int, key: str) -> list[int]:
+    """Block indices with negative values counted from the end (-1: the last block); a ``ValueError``
+    naming ``key`` for an index outside the tower."""
+    resolved = []
+    for layer in layers:
+        index = int(layer) + num_layers if int(layer) < 0 else int(layer)
+        if not 0 <= index < num_layers:
+            raise ValueError(f"{key}: layer {layer} is outside the tower's {num_layers} blocks (0..{num_layers - 1} or -1..-{num_layers})")
+        resolved.append(index)
+    return resolved
+
+
+def mask_guided_attention(token_masks: Tensor, normalization: str = "softmax") -> Tensor:
+    """Mask-guided patch severance attention (DeOP Sec. 4.1, Eq. 1): ``(B, T, T)`` for ``token_masks
+    (B, N, T)`` (N proposal masks, soft, on the tokens of the sequence).
+
+    Eq. 1: the attention map of token ``i`` is ``M_i = Σ_j M_{j,i} · M_j``, i.e. the matrix ``Mᵀ M``. It
+    replaces the query–key product, so ``normalization="softmax"`` (default, the public code's MPS) takes
+    the row softmax of ``Mᵀ M`` as the attention weights; ``"sum"`` divides each row by its sum (the paper
+    does not say which). The paper leaves the CLS token open: callers give it mask value 1 in every proposal
+    (the public code's choice), so it attends to (and is attended by) every covered patch.
+    """
+    scores = token_masks.transpose(1, 2) @ token_masks
+    if normalization == "softmax":
+        return scores.softmax(dim=-1)
+    if normalization == "sum":
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+    raise ValueError(f"method.severance.mps_normalization={normalization!r} is not one of ['softmax', 'sum']")
+
+
+def severed_block_forward(block: nn.Module, x: Tensor, alpha: float = 0.0, mixing: Optional[Tensor] = None) -> Tensor:
+    """One open_clip ``ResidualAttentionBlock`` (batch first) with its self-attention matrix replaced by
+    Generalized Patch Severance (DeOP Sec. 4.1, Eq. 2): ``F_out = (α·E + (1 − α)·Attn)·F_in``.
+
+    The value and output projections, the residuals, the LayerNorms and the MLP are the block's own, so
+    α = 0 is the unmodified block and α = 1 leaves no interaction between tokens in this block (each token
+    only sees its own value). ``mixing (B, T, T)`` replaces ``Attn`` (all heads) by a given matrix, e.g.
+    :func:`mask_guided_attention` (MPS, Eq. 1). Gradients flow through the frozen weights.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"patch severance alpha={alpha!r}: expected a value in [0, 1] (Eq. 2)")
+    attention: nn.MultiheadAttention = block.attn
+    batch, tokens, width = x.shape
+    heads = attention.num_heads
+    head_dim = width // heads
+    normed = block.ln_1(x)
+    query, key, value = F.linear(normed, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    value = value.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, heads, T, hd)
+    if alpha == 1.0 and mixing is None:
+        mixed = value  # E·V: no attention matrix is needed
+    else:
+        if mixing is None:
+            query = query.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+            key = key.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(query, key, value)
+        else:
+            attended = mixing.to(value.dtype).unsqueeze(1) @ value
+        mixed = attended if alpha == 0.0 else alpha * value + (1.0 - alpha) * attended
+    out = F.linear(mixed.transpose(1, 2).reshape(batch, tokens, width), attention.out_proj.weight, attention.out_proj.bias)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def visual_forward(
+    visual: nn.Module,
+    pixels: Tensor,
+    severance: Optional[Mapping[int, float]] = None,
+    mps_layers: Sequence[int] = (),
+    mps_masks: Optional[Tensor] = None,
+    mps_normalization: str = "softmax",
+    visual_prompts: Optional[VisualPromptTensors] = None,
+) -> tuple[Tensor, Tensor]:
+    """One pass of an open_clip ``VisionTransformer`` with DeOP's options, gradients enabled (prompt
+    gradients flow through the frozen tower): ``(cls (B, D), dense (B, D, h, w))`` as
+    :meth:`CLIPTeacher.encode_image` (tokens after ``ln_post`` times ``proj``).
+
+    Args:
+        pixels: CLIP-normalised images.
+        severance: ``{block: α}`` Generalized Patch Severance (Eq. 2) per block (negative: from the end);
+            blocks not named run unmodified. DeOP's best: ``{-1: 1.0}`` (Table 4).
+        mps_layers: blocks whose attention is the mask-guided one (MPS, Eq. 1) instead.
+        mps_masks: ``(B, N, H', W')`` soft proposal masks in [0, 1] (any resolution; resized to the token
+            grid bilinearly, as the public code), needed when ``mps_layers`` is given.
+        mps_normalization: ``softmax`` | ``sum`` (see :func:`mask_guided_attention`).
+        visual_prompts: see :class:`VisualPromptTensors`.
+    """
+    blocks = visual.transformer.resblocks
+    alphas = dict(zip(resolve_layer_indices((severance or {}).keys(), len(blocks), "method.severance.gps_alphas"), (severance or {}).values()))
+    mps = set(resolve_layer_indices(mps_layers, len(blocks), "method.severance.mps_layers"))
+    if mps & set(alphas):
+        raise ValueError(f"blocks {sorted(mps & set(alphas))} are given both GPS (gps_alphas) and MPS (mps_layers): choose one per block")
+    prompts = visual_prompts or VisualPromptTensors()
+    x, grid = visual_token_embeddings(visual, pixels)
+    if prompts.input_addition is not None:
+        x = x + prompts.input_addition.to(x.dtype)
+    num_prompts = 0
+    if prompts.prepended is not None:
+        num_prompts = prompts.prepended.shape[0]
+        x = torch.cat([x[:, :1], prompts.prepended.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+    x = visual.ln_pre(x)
+    mixing = None
+    if mps:
+        if mps_masks is None:
+            raise ValueError("method.severance.mps_layers needs the proposal masks (mps_masks)")
+        token_masks = F.interpolate(mps_masks.float(), size=grid, mode="bilinear", align_corners=False).flatten(2)
+        # CLS and prompt tokens belong to every proposal (the public code's choice for the CLS token)
+        ones = token_masks.new_ones(*token_masks.shape[:2], 1 + num_prompts)
+        mixing = mask_guided_attention(torch.cat([ones, token_masks], dim=2), mps_normalization)
+    for index, block in enumerate(blocks):
+        addition = prompts.layer_additions.get(index)
+        if addition is not None:
+            addition = addition.to(x.dtype)
+            if num_prompts:
+                addition = torch.cat([addition[:1], addition.new_zeros(num_prompts, addition.shape[1]), addition[1:]])
+            x = x + addition
+        if index in mps:
+            x = severed_block_forward(block, x, 0.0, mixing)
+        elif index in alphas and alphas[index] != 0.0:
+            x = severed_block_forward(block, x, float(alphas[index]))
+        else:
+            x = block(x)
+    if num_prompts:
+        x = torch.cat([x[:, :1], x[:, 1 + num_prompts :]], dim=1)
+    x = visual.ln_post(x)
+    pooled, tokens = visual._global_pool(x)
+    dense = (tokens @ visual.proj).transpose(1, 2).reshape(x.shape[0], -1, *grid)
+    return pooled @ visual.proj, dense
