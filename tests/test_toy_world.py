@@ -244,11 +244,13 @@ def test_a_two_stage_row_runs_after_its_first_stage_and_gets_its_checkpoint(tmp_
     monkeypatch.setattr(benchmark, "evaluate", fake_run)
     monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
     bench = load_benchmark_config(
-        "toy", ["seeds=[0,1]", "methods=[c2s,clip_zero_shot,baseline]", "oracle=false", "extra_rows=[]", "stage1={c2s: baseline, clip_zero_shot: baseline}"]
+        "toy", ["seeds=[0,1]", "methods=[c2s,clip_zero_shot,baseline]", "oracle=false", "extra_rows=[]", "stage1={c2s: {row: baseline, train: false}, clip_zero_shot: baseline}"]
     )
     results = benchmark.run_benchmark(bench, tmp_path)
     order = [(next(o for o in overrides if o.startswith("method="))[7:], seed) for _, seed, overrides in calls]
     assert order == [("baseline", 0), ("baseline", 1), ("c2s", 0), ("c2s", 1), ("clip_zero_shot", 0), ("clip_zero_shot", 1)]
+    # train: false evaluates a trainable method (nothing left to train given its first stage), every seed
+    assert [name for name, _, _ in calls] == ["train", "train", "eval", "eval", "eval", "eval"]
     for _, seed, overrides in calls[2:]:
         assert f"method.proposals.ckpt_path={tmp_path / 'baseline' / f'seed{seed}' / 'checkpoints' / 'last.ckpt'}" in overrides
     assert not any(o.startswith("method.proposals") for _, _, overrides in calls[:2] for o in overrides)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroseg.models.pixel_decoders import sine_position_embedding
-from zeroseg.models.query_decoders import _AttentionLayer, _FFNLayer
+from zeroseg.models.query_decoders import AttentionLayer, FFNLayer
 
 __all__ = [
     "ANCHOR_DECODERS",
@@ -93,11 +93,11 @@ class QueryHeatmapDecoder(nn.Module):
             raise ValueError(f"method.cal.heatmap_heads={heatmap_heads!r} must divide the feature width {dim}")
         self.dim, self.num_queries, self.heatmap_heads = dim, num_queries, heatmap_heads
         self.query_pos = nn.Embedding(num_queries, dim)
-        self.cross = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.self_attn = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.ffn = nn.ModuleList(_FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
+        self.cross = nn.ModuleList(AttentionLayer(dim, heads, dropout) for _ in range(layers))
+        self.self_attn = nn.ModuleList(AttentionLayer(dim, heads, dropout) for _ in range(layers))
+        self.ffn = nn.ModuleList(FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
         # the output layer: a self-attention over the anchor queries, then Eq. 3
-        self.output_self_attn = _AttentionLayer(dim, heads, dropout)
+        self.output_self_attn = AttentionLayer(dim, heads, dropout)
         self.query_proj = nn.Linear(dim, dim) if heatmap_projections else None
         self.key_proj = nn.Linear(dim, dim) if heatmap_projections else None
 

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from zeroseg.models.pixel_decoders import caffe2_xavier_fill, sine_position_embedding
 
 __all__ = [
+    "AttentionLayer",
+    "FFNLayer",
     "Mask2FormerDecoder",
     "MaskFormerDecoder",
     "QueryHeads",
@@ -119,7 +121,7 @@ def _xavier_fill_matrices(module: nn.Module) -> None:
             nn.init.xavier_uniform_(parameter)
 
 
-class _AttentionLayer(nn.Module):
+class AttentionLayer(nn.Module):
     """Post-norm attention + residual: ``norm(x + attn(x + pos_q, memory + pos_k, memory))``."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
@@ -136,7 +138,7 @@ class _AttentionLayer(nn.Module):
         return self.norm(x + out)
 
 
-class _FFNLayer(nn.Module):
+class FFNLayer(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
@@ -164,9 +166,9 @@ class _QueryDecoderBase(nn.Module):
         super().__init__()
         self.dim, self.num_queries = dim, num_queries
         # per layer: cross-attention, self-attention, FFN (each decoder orders them its own way)
-        self.cross = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.self_attn = nn.ModuleList(_AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.ffn = nn.ModuleList(_FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
+        self.cross = nn.ModuleList(AttentionLayer(dim, heads, dropout) for _ in range(layers))
+        self.self_attn = nn.ModuleList(AttentionLayer(dim, heads, dropout) for _ in range(layers))
+        self.ffn = nn.ModuleList(FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
         # Mask2Former learns the initial query features; DETR/MaskFormer start from zeros
         self.query_feat = nn.Embedding(num_queries, dim) if query_features else None
         self.query_pos = nn.Embedding(num_queries, dim)

@@ -186,14 +186,27 @@ def benchmark_rows(bench: DictConfig) -> list[BenchmarkRow]:
     methods = list(available) if bench.methods == "all" else list(bench.methods)
     method_overrides: dict[str, list[str]] = _container(bench.get("method_overrides"), {})
     extra_rows: list[dict[str, Any]] = _container(bench.get("extra_rows"), [])
-    stage1: dict[str, str] = _container(bench.get("stage1"), {})
+    stage1_specs: dict[str, Any] = _container(bench.get("stage1"), {})
     named = {"benchmark.methods": methods, "benchmark.method_overrides": list(method_overrides)}
-    named["benchmark.stage1"] = list(stage1)
+    named["benchmark.stage1"] = list(stage1_specs)
     named["benchmark.extra_rows"] = [r.get("method") for r in extra_rows]
     for key, names in named.items():
         unknown = [m for m in names if m not in available]
         if unknown:
             raise ValueError(f"{key} names {unknown}; registered methods are {sorted(available)}")
+    # {method: row} or {method: {row: ..., train: false}} (a method with nothing left to train once its first
+    # stage is given, e.g. multipass_clip on frozen proposals: evaluated for every seed)
+    stage1: dict[str, str] = {}
+    trains: dict[str, bool] = dict(available)
+    for method, spec in stage1_specs.items():
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - {"row", "train"})
+            if "row" not in spec or unknown:
+                raise ValueError(f"benchmark.stage1.{method}={spec}: expected a row name or {{row: <row>, train: true|false}}")
+            stage1[method] = spec["row"]
+            trains[method] = bool(spec.get("train", available[method]))
+        else:
+            stage1[method] = spec
     for method, source in stage1.items():
         if method not in methods:
             continue
@@ -204,12 +217,10 @@ def benchmark_rows(bench: DictConfig) -> list[BenchmarkRow]:
             )
     rows = []
     for method in methods:  # a method's extra rows follow its own row
-        rows.append(
-            BenchmarkRow(method, method, available[method], list(method_overrides.get(method, [])), stage1.get(method))
-        )
+        rows.append(BenchmarkRow(method, method, trains[method], list(method_overrides.get(method, [])), stage1.get(method)))
         for extra in (e for e in extra_rows if e["method"] == method):
             overrides = [*method_overrides.get(method, []), *extra.get("overrides", [])]
-            rows.append(BenchmarkRow(extra["row"], method, available[method], overrides, stage1.get(method)))
+            rows.append(BenchmarkRow(extra["row"], method, trains[method], overrides, stage1.get(method)))
     if bench.oracle:
         oracle_method = next((m for m in methods if available[m]), None)
         if oracle_method is None:
@@ -371,6 +382,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     bench = load_benchmark_config(args.name, args.overrides)
+    if bench.get("kind") == "cost":  # what each method costs (zeroseg/cost.py): measured, not trained
+        from zeroseg.cost import run_cost_benchmark, write_cost_tables
+
+        results = run_cost_benchmark(bench)
+        write_cost_tables(results, Path(bench.output_dir) if bench.get("output_dir") else _new_run_directory(bench))
+        return results
     run_dir = _resume_directory(bench) if bench.get("resume_dir") else _new_run_directory(bench)
     log.info("benchmark %s: run directory %s; overrides of every run: %s", bench.name, run_dir, list(bench.run_overrides))
     results = run_benchmark(bench, run_dir)
