@@ -90,13 +90,11 @@ def _tiny(method: str) -> tuple[list[str], list[str] | None]:
         "deop": [o for o in test_deop.TINY if o.startswith(("method", "clip"))],
         "multipass_clip": [o for o in test_multipass_clip.TINY if o.startswith(("method", "clip"))],
     }
-    stage1 = None
-    if method == "maft":
+    if method == "maft":  # stage 2 on a random-weight stage-1 query model
         import test_maft
 
-        stage1 = [*base, *[o for o in test_proposals.QUERY_TINY if o.startswith("method")]]
-        return [*base, *[o for o in test_maft.MAFT_TINY if o.startswith(("method", "clip"))]], stage1
-    return [*base, *tiny[method]], stage1
+        return [*base, "method=maft"], [*base, "method=query_baseline", *test_maft.QUERY]
+    return [*base, *tiny[method]], None
 
 
 @pytest.mark.parametrize("method", sorted(registered_methods()))
