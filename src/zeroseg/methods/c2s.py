@@ -4,7 +4,10 @@ A closed-set segmenter (backbone + head projecting to the CLIP joint space, dens
 trained with
 
 * **pseudo masks** Ỹ = Y_s + Ỹ_u from the teacher's dense tokens (Sec. III-B, Eq. 2, Alg. 1;
-  :mod:`zeroseg.toolkit.pseudo_masks`);
+  :mod:`zeroseg.toolkit.pseudo_masks`); ``pseudo_masks.generator`` gives Table XII's rows: ``kmeans``
+  (the paper's, default), ``panoptic_cut`` (LaVG's iterative Normalized Cut [48] on the same tokens) or
+  ``mask_proposal`` (the masks of a frozen class-agnostic query model [13], loaded from
+  ``pseudo_masks.mask_proposal.ckpt_path``; held outside the module tree, so it is never checkpointed);
 * **global distillation** (Sec. III-C, Eq. 4): ``W = softmax(C_gᵀF/√D)`` over positions,
   ``F_g = W·Fᵀ`` (``global_aggregation``: ``attention``; ``mean`` / ``max`` pooling for Table XI);
   InfoNCE of F_g against its image's global CLS token C_g with the FIFO CLS token bank
@@ -54,6 +57,7 @@ from torch import Tensor, nn
 
 from zeroseg.methods.base import ZSSMethod
 from zeroseg.models.backbones import Backbone
+from zeroseg.models.proposals import load_proposal_model
 from zeroseg.toolkit import TokenBank, encode_regions, generate_pseudo_masks
 from zeroseg.toolkit.dense import (
     attention_pooled_feature,
@@ -63,6 +67,7 @@ from zeroseg.toolkit.dense import (
     seen_and_latent_logits,
 )
 from zeroseg.toolkit.losses import dice_loss, info_nce, softmax_focal_loss
+from zeroseg.toolkit.pseudo_masks import GENERATORS, panoptic_cut_pseudo_masks, proposal_pseudo_masks
 
 __all__ = ["CLIPToSeg", "global_feature", "global_distillation_loss", "latent_queries"]
 
@@ -71,6 +76,12 @@ AGGREGATIONS = ("attention", "mean", "max")
 DISTILLATION_LOSSES = ("infonce", "cosine", "l2", "froster")
 LATENT_GENERATORS = ("transformer", "prototypes", "prototypes_mlp", "cls_tokens", "cls_tokens_mlp")
 DECODER_KEYS = ("global", "local")
+# Table XII's "Mask Proposal" [13]: zsseg's proposals come from a MaskFormer trained on the seen classes
+PROPOSALS_KEY = "method.pseudo_masks.mask_proposal.ckpt_path"
+PROPOSALS_PRODUCED_BY = (
+    "python -m zeroseg.train experiment=query_baseline_coco_stuff_resnet101 (the paper setting's seen-class "
+    "query model; in the toy world: python -m zeroseg.train method=query_baseline)"
+)
 
 
 def global_feature(features: Tensor, global_cls: Tensor, aggregation: str = "attention") -> Tensor:
@@ -138,7 +149,10 @@ class CLIPToSeg(ZSSMethod):
         decoder_keys: keys/values of the latent decoder, subset of ``[global, local]`` (Table VII;
             ``[]`` = no latent embedding, Table VII's first row).
         latent_generator: Table VIII's rows (``transformer`` default; see the module docstring).
-        pseudo_masks: keyword arguments of :func:`~zeroseg.toolkit.generate_pseudo_masks`.
+        pseudo_masks: ``generator`` (Table XII: ``kmeans`` | ``panoptic_cut`` | ``mask_proposal``), the keyword
+            arguments of :func:`~zeroseg.toolkit.generate_pseudo_masks` (``kmeans``), and the sub-dicts
+            ``panoptic_cut`` (:func:`~zeroseg.toolkit.pseudo_masks.panoptic_cut_pseudo_masks`) and ``mask_proposal``
+            (``ckpt_path`` of the proposal model + :func:`~zeroseg.toolkit.pseudo_masks.proposal_pseudo_masks`).
         region_encoder: ``masked_image`` (Eq. 3, default), ``crop`` or ``attention`` (one pass,
             IP-CLIP-style); crop_size: input of the crop encoder; region_from_layer: first block
             with per-region CLS copies for ``attention`` (-4: the last four, MAFT's L = 8 of 12).
@@ -201,7 +215,18 @@ class CLIPToSeg(ZSSMethod):
         # Table VII: no CLS keys at all is the paper's "without latent embedding" row
         self.latent_embedding = (latent_embedding and bool(decoder_keys)) if latent_generator == "transformer" else latent_embedding
         self.decoder_keys, self.latent_generator = decoder_keys, latent_generator
-        self.pseudo_mask_options = dict(pseudo_masks or {})
+        options = dict(pseudo_masks or {})
+        self.pseudo_mask_generator = str(options.pop("generator", "kmeans"))
+        if self.pseudo_mask_generator not in GENERATORS:
+            raise ValueError(f"method.pseudo_masks.generator={self.pseudo_mask_generator!r} is not one of {list(GENERATORS)}")
+        self.panoptic_cut_options = dict(options.pop("panoptic_cut", None) or {})
+        self.proposal_options = dict(options.pop("mask_proposal", None) or {})
+        proposal_ckpt = self.proposal_options.pop("ckpt_path", None)
+        self.pseudo_mask_options = options  # the kmeans generator's (Sec. III-B)
+        # the frozen proposal model is kept out of the module tree: never checkpointed, never trained
+        self._proposal_model: dict[str, nn.Module] = {}
+        if self.pseudo_mask_generator == "mask_proposal":
+            self._proposal_model["model"] = load_proposal_model(proposal_ckpt, PROPOSALS_KEY, PROPOSALS_PRODUCED_BY)
         self.region_encoder, self.crop_size, self.region_from_layer = region_encoder, crop_size, region_from_layer
         self.max_regions_per_forward = max_regions_per_forward
         self.loss_weights = {"focal": 1.0, "dice": 1.0, "ce": 1.0, **(loss_weights or {})}
@@ -247,7 +272,7 @@ class CLIPToSeg(ZSSMethod):
         global_cls = global_cls.float()
         pseudo = labels
         if self.local_distillation or self.latent_embedding:
-            pseudo = generate_pseudo_masks(teacher_dense, labels, num_seen, self.ignore_index, **self.pseudo_mask_options)
+            pseudo = self.pseudo_masks(images, labels, teacher_dense)
         features = self.dense_features(images).float()  # F: (B, D, h, w)
         losses: dict[str, Tensor] = {}
 
@@ -295,6 +320,27 @@ class CLIPToSeg(ZSSMethod):
         losses["ce"] = weights["ce"] * F.cross_entropy(logits, target, ignore_index=self.ignore_index)
         losses["loss"] = sum(losses.values())
         return losses
+
+    @torch.no_grad()
+    def pseudo_masks(self, images: Tensor, labels: Tensor, teacher_dense: Tensor) -> Tensor:
+        """Ỹ = Y_s + Ỹ_u (Sec. III-B) with the configured generator (Table XII): latent classes ``N_s + g`` on the
+        unannotated pixels of ``labels (B, H, W)``, from the teacher's ``teacher_dense (B, D, h, w)`` or, for
+        ``mask_proposal``, from the proposal model's masks of ``images``."""
+        num_seen = len(self.train_text_embeddings)
+        if self.pseudo_mask_generator == "kmeans":
+            return generate_pseudo_masks(teacher_dense, labels, num_seen, self.ignore_index, **self.pseudo_mask_options)
+        if self.pseudo_mask_generator == "panoptic_cut":
+            return panoptic_cut_pseudo_masks(teacher_dense, labels, num_seen, self.ignore_index, **self.panoptic_cut_options)
+        model = self._proposal_model["model"].to(images.device)
+        # a text class head scores the proposals against the seen classes: confidence = 1 - p(no object)
+        embeddings = self.train_text_embeddings if model.class_head == "text" else None
+        final = model(images, embeddings)[-1]
+        scores = None
+        if final.class_logits is not None and final.class_logits.shape[-1] > 1:
+            scores = 1 - final.class_logits.float().softmax(dim=-1)[..., -1]
+        return proposal_pseudo_masks(
+            final.mask_logits, labels, num_seen, self.ignore_index, scores=scores, **self.proposal_options
+        )
 
     def _latent_embeddings(self, local_features, regions, present, global_cls, num_seen) -> Optional[tuple[Tensor, Tensor]]:
         """A'_u (Sec. III-D) → ``(B, G, D)`` by latent class, or ``None`` without latent regions.

@@ -16,24 +16,41 @@ Split Matching Sec. 3.2), batched over the whole batch on the device.
    it, as METHODS.md reads the algorithm.
 5. The merged groups become latent classes ``num_seen + g`` at label resolution:
    ``Ỹ = Y_s + Ỹ_u`` (seen labels always win; latent masks never cover a seen pixel).
+
+Table XII compares this generator (``kmeans``, the paper's "Ours") with two others, which share step 1
+(only unannotated positions can become latent classes) and step 5:
+
+* ``panoptic_cut`` (:func:`panoptic_cut_pseudo_masks`, ref. [48]): LaVG's iterative Normalized Cut on the same
+  teacher tokens (:mod:`zeroseg.toolkit.normalized_cut`); every cut and the remainder is a latent class.
+* ``mask_proposal`` (:func:`proposal_pseudo_masks`, ref. [13]): the masks of a frozen class-agnostic query
+  proposal network (zsseg's MaskFormer trained on the seen classes), thresholded, overlaps resolved by the
+  argmax of the mask logits, each surviving proposal a latent class.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from zeroseg.toolkit.kmeans import batched_kmeans
+from zeroseg.toolkit.normalized_cut import panoptic_cut
 
 __all__ = [
     "window_seeds",
     "merge_clusters",
     "merge_by_similarity",
     "generate_pseudo_masks",
+    "panoptic_cut_pseudo_masks",
+    "proposal_pseudo_masks",
+    "latent_labels",
+    "GENERATORS",
 ]
+
+# CLIP-to-Seg Table XII's rows: Sec. III-B (the paper's), Panoptic Cut [48], Mask Proposal [13]
+GENERATORS = ("kmeans", "panoptic_cut", "mask_proposal")
 
 
 def window_seeds(features: Tensor, window_sizes: Sequence[int]) -> Tensor:
@@ -128,10 +145,99 @@ def generate_pseudo_masks(
     group = merge_clusters(centroids, sizes > 0, threshold, keep_singletons)
     point_group = torch.gather(group, 1, assignment.clamp_min(0))
     point_group = torch.where(valid_points & (point_group >= 0), point_group, torch.full_like(point_group, -1))
-    latent = (
-        F.interpolate(point_group.view(batch, 1, grid_h, grid_w).float(), size=labels.shape[-2:], mode="nearest")
-        .squeeze(1)
-        .long()
-    )
+    return latent_labels(point_group.view(batch, grid_h, grid_w), labels, num_seen, ignore_index)
+
+
+def latent_labels(segments: Tensor, labels: Tensor, num_seen: int, ignore_index: int = 255) -> Tensor:
+    """Step 5: ``Ỹ = Y_s + Ỹ_u`` from latent segment indices ``segments (B, h, w)`` (-1: none) at any grid size,
+    resized (nearest) to ``labels (B, H, W)``; seen labels always win."""
+    latent = F.interpolate(segments.unsqueeze(1).float(), size=labels.shape[-2:], mode="nearest").squeeze(1).long()
     latent = torch.where(latent >= 0, latent + num_seen, torch.full_like(latent, ignore_index))
+    return torch.where(labels != ignore_index, labels, latent)
+
+
+def _unannotated_grid(labels: Tensor, size: tuple[int, int], ignore_index: int) -> Tensor:
+    """Positions of a ``size`` grid whose nearest label is ``ignore_index`` (not annotated with a seen class)."""
+    grid_labels = F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).long()
+    return grid_labels == ignore_index
+
+
+def panoptic_cut_pseudo_masks(
+    dense_features: Tensor,
+    labels: Tensor,
+    num_seen: int,
+    ignore_index: int = 255,
+    max_masks: int = 8,
+    tau: float = 0.3,
+    eps: float = 1e-5,
+    min_remaining: int = 5,
+    connected_component: bool = True,
+    corner_rule: bool = True,
+    keep_remainder: bool = True,
+) -> Tensor:
+    """Table XII's "Panoptic cut" [48]: ``Ỹ = Y_s + Ỹ_u`` with Ỹ_u the iterative Normalized Cut of the teacher's
+    dense tokens ``(B, D, h, w)`` over the unannotated positions (:func:`~zeroseg.toolkit.normalized_cut.panoptic_cut`,
+    whose knobs these are: LaVG's τ 0.3, 8 masks, stop at ≤ 5 free positions). Cut ``g`` of an image (the remainder
+    last) is latent class ``num_seen + g``."""
+    grid = dense_features.shape[-2:]
+    unannotated = _unannotated_grid(labels, grid, ignore_index)
+    segments = panoptic_cut(
+        dense_features,
+        unannotated,
+        max_masks=max_masks,
+        tau=tau,
+        eps=eps,
+        min_remaining=min_remaining,
+        connected_component=connected_component,
+        corner_rule=corner_rule,
+        keep_remainder=keep_remainder,
+    )
+    return latent_labels(segments, labels, num_seen, ignore_index)
+
+
+def proposal_pseudo_masks(
+    mask_logits: Tensor,
+    labels: Tensor,
+    num_seen: int,
+    ignore_index: int = 255,
+    mask_threshold: float = 0.5,
+    scores: Optional[Tensor] = None,
+    score_threshold: float = 0.0,
+    min_area: float = 0.0,
+) -> Tensor:
+    """Table XII's "Mask Proposal" [13]: ``Ỹ = Y_s + Ỹ_u`` from the masks of a frozen class-agnostic proposal network.
+
+    Args:
+        mask_logits: ``(B, Q, h, w)`` proposal mask logits (the last decoder layer's, 1/4 of the image); resized
+            bilinearly to the labels, as Mask2Former's inference does.
+        labels: ``(B, H, W)`` seen labels or ``ignore_index``; only ``ignore_index`` pixels get a latent class.
+        num_seen: proposal ``g`` (counted among the kept ones, in query order) becomes class ``num_seen + g``.
+        mask_threshold: a pixel joins its best proposal (the argmax of the mask logits: overlaps go to the most
+            confident) when that proposal's sigmoid exceeds this (0.5).
+        scores: optional ``(B, Q)`` proposal confidences (e.g. 1 − p(no object)); with ``score_threshold`` > 0 the
+            proposals below it take no part at all (0: every query competes, the default).
+        min_area: a proposal keeping fewer than this fraction of the image's pixels is dropped; its pixels stay
+            unlabelled (0: none dropped).
+
+    Returns ``(B, H, W)`` long.
+    """
+    if not 0.0 <= mask_threshold < 1.0:
+        raise ValueError(f"mask_proposal mask_threshold={mask_threshold} must be in [0, 1)")
+    logits = F.interpolate(mask_logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if scores is not None and score_threshold > 0:
+        logits = logits.masked_fill((scores < score_threshold)[:, :, None, None], float("-inf"))
+    best, proposal = logits.max(dim=1)
+    claimed = (torch.sigmoid(best) > mask_threshold) & (labels == ignore_index)
+    proposal = torch.where(claimed, proposal, torch.full_like(proposal, -1))
+    batch, num_queries = mask_logits.shape[:2]
+    area = torch.zeros(batch, num_queries + 1, dtype=torch.long, device=labels.device)
+    area.scatter_add_(1, (proposal + 1).flatten(1), torch.ones_like(proposal).flatten(1))
+    area = area[:, 1:]
+    kept = area > 0
+    if min_area > 0:
+        kept &= area >= min_area * labels.shape[-2] * labels.shape[-1]
+    rank = torch.where(kept, torch.cumsum(kept.long(), dim=1) - 1, torch.full_like(area, -1))
+    segments = torch.gather(rank, 1, proposal.clamp_min(0).flatten(1)).view_as(proposal)
+    segments = torch.where(proposal >= 0, segments, torch.full_like(segments, -1))
+    latent = torch.where(segments >= 0, segments + num_seen, torch.full_like(segments, ignore_index))
     return torch.where(labels != ignore_index, labels, latent)
