@@ -28,6 +28,7 @@ SWEEPS: dict[str, tuple[str, int, str, int]] = {
     "c2s_ablation_bank": ("Table IX", 5, "segformer_b4", 40000),
     "c2s_ablation_windows": ("Table X", 3, "segformer_b4", 40000),
     "c2s_ablation_aggregation": ("Table XI", 3, "segformer_b4", 40000),
+    "c2s_ablation_pseudo_masks": ("Table XII", 3, "segformer_b4", 40000),
     "chimera_ablation_modules": ("Table III", 4, "segformer_b0", 80000),
     "chimera_ablation_projector": ("Table IV", 7, "segformer_b4", 80000),
     "chimera_ablation_projection": ("Table V", 3, "segformer_b0", 80000),

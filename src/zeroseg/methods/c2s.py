@@ -156,6 +156,11 @@ class CLIPToSeg(ZSSMethod):
         region_encoder: ``masked_image`` (Eq. 3, default), ``crop`` or ``attention`` (one pass,
             IP-CLIP-style); crop_size: input of the crop encoder; region_from_layer: first block
             with per-region CLS copies for ``attention`` (-4: the last four, MAFT's L = 8 of 12).
+        region_image_size: ``masked_image`` only: the longer side Eq. 3's masked images are resized to before
+            the teacher. The paper does not say at which size they enter CLIP; the YAML default is the
+            teacher's own input size (224 for ViT-B/16, as CLIP's preprocessing resizes), which brings the
+            teacher to ~1/5 of a 512² pass per region (issue 19, README "What each method costs");
+            ``None`` feeds them at the image's resolution.
         max_regions_per_forward: teacher chunk size for region tokens.
         decoder_layers / decoder_heads: the latent-embedding transformer decoder (depth 1; heads
             must divide the joint dimension).
@@ -184,6 +189,7 @@ class CLIPToSeg(ZSSMethod):
         region_encoder: str = "masked_image",
         crop_size: int = 224,
         region_from_layer: int = -4,
+        region_image_size: Optional[int] = None,
         max_regions_per_forward: int = 64,
         decoder_layers: int = 1,
         decoder_heads: int = 8,
@@ -228,6 +234,7 @@ class CLIPToSeg(ZSSMethod):
         if self.pseudo_mask_generator == "mask_proposal":
             self._proposal_model["model"] = load_proposal_model(proposal_ckpt, PROPOSALS_KEY, PROPOSALS_PRODUCED_BY)
         self.region_encoder, self.crop_size, self.region_from_layer = region_encoder, crop_size, region_from_layer
+        self.region_image_size = region_image_size
         self.max_regions_per_forward = max_regions_per_forward
         self.loss_weights = {"focal": 1.0, "dice": 1.0, "ce": 1.0, **(loss_weights or {})}
         self.focal_gamma = focal_gamma
@@ -299,6 +306,7 @@ class CLIPToSeg(ZSSMethod):
                 self.crop_size,
                 self.max_regions_per_forward,
                 from_layer=self.region_from_layer,
+                masked_image_size=self.region_image_size,
             )
             grid_labels = F.interpolate(pseudo.unsqueeze(1).float(), size=features.shape[-2:], mode="nearest")
             local_features, counts = region_means(features, grid_labels.squeeze(1).long(), regions.labels, regions.valid)
