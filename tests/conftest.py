@@ -37,6 +37,22 @@ TINY_OVERRIDES: tuple[str, ...] = (
 )
 
 
+# a narrow proposal network (the stack under method.proposals: DeOP, multipass_clip) for 64-px scenes
+PROPOSALS_TINY = [
+    "method.proposals.segmenter.dim=32",
+    "method.proposals.segmenter.conv_dim=32",
+    "method.proposals.segmenter.mask_dim=32",
+    "method.proposals.segmenter.ffn_dim=64",
+    "method.proposals.segmenter.encoder_ffn_dim=64",
+    "method.proposals.segmenter.num_queries=6",
+    "method.proposals.segmenter.decoder_layers=2",
+    "method.proposals.segmenter.encoder_layers=1",
+    "method.proposals.matcher.num_points=128",
+    "method.proposals.criterion.num_points=128",
+    "method.proposals.input_scale=1.0",
+]
+
+
 QUERY_METHODS = {"method=query_baseline", "method=split_matching", "method=deop", "method=multipass_clip", "method=maft"}
 
 

@@ -19,19 +19,6 @@ from zeroseg.models.anchor_decoders import QueryHeatmapDecoder, heatmap_pooling
 
 DEOP = "zeroseg.methods.DeOP"
 # the tiny world without the dense head's key; a narrow proposal stack on 64-px scenes, the toy CLIP
-PROPOSALS_TINY = [
-    "method.proposals.segmenter.dim=32",
-    "method.proposals.segmenter.conv_dim=32",
-    "method.proposals.segmenter.mask_dim=32",
-    "method.proposals.segmenter.ffn_dim=64",
-    "method.proposals.segmenter.encoder_ffn_dim=64",
-    "method.proposals.segmenter.num_queries=6",
-    "method.proposals.segmenter.decoder_layers=2",
-    "method.proposals.segmenter.encoder_layers=1",
-    "method.proposals.matcher.num_points=128",
-    "method.proposals.criterion.num_points=128",
-    "method.proposals.input_scale=1.0",
-]
 TINY = [o for o in TINY_OVERRIDES if not o.startswith("method")] + [
     "method=deop",
     "clip=toy",

@@ -12,23 +12,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from conftest import TINY_OVERRIDES
+from conftest import PROPOSALS_TINY, TINY_OVERRIDES
 from zeroseg.build import build_run
 from zeroseg.methods.multipass_clip import ensemble_class_probabilities
 
-PROPOSALS_TINY = [
-    "method.proposals.segmenter.dim=32",
-    "method.proposals.segmenter.conv_dim=32",
-    "method.proposals.segmenter.mask_dim=32",
-    "method.proposals.segmenter.ffn_dim=64",
-    "method.proposals.segmenter.encoder_ffn_dim=64",
-    "method.proposals.segmenter.num_queries=6",
-    "method.proposals.segmenter.decoder_layers=2",
-    "method.proposals.segmenter.encoder_layers=1",
-    "method.proposals.matcher.num_points=128",
-    "method.proposals.criterion.num_points=128",
-    "method.proposals.input_scale=1.0",
-]
 TINY = [o for o in TINY_OVERRIDES if not o.startswith("method")] + [
     "method=multipass_clip",
     "clip=toy",
