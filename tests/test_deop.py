@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_OVERRIDES, compose_sweep_jobs
+from conftest import PROPOSALS_TINY, TINY_OVERRIDES, compose_sweep_jobs
 from zeroseg.build import build_run
 from zeroseg.clip.teacher import severed_block_forward, visual_forward
 from zeroseg.models.anchor_decoders import QueryHeatmapDecoder, heatmap_pooling
