@@ -301,3 +301,19 @@ def test_regression_losses_by_hand(make_cfg) -> None:
     torch.testing.assert_close(model._regression(q, t, used), torch.tensor((1 - 0.8 + 0.0) / 2))
     model.distillation_loss = "l2"
     torch.testing.assert_close(model._regression(q, t, used), torch.tensor((9 + 1 + 1 + 0) / 2))
+
+
+@pytest.mark.parametrize("size,expected", [("16", 16), ("null", 32)])
+def test_region_passes_see_masked_images_at_region_image_size(make_cfg, size: str, expected: int) -> None:
+    """``method.region_image_size``: Eq. 3's masked images enter the teacher with this longer side (the global
+    and dense pass keeps the image's own size); ``null`` = the image's resolution (32-px scenes here)."""
+    objects = build_run(make_cfg([*C2S, "clip=tiny_random", f"method.region_image_size={size}"]))
+    model, datamodule = objects["model"], objects["datamodule"]
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    sizes: list[tuple[int, int]] = []
+    original = model.teacher.encode_image
+    model.teacher.encode_image = lambda images, *a, **k: sizes.append(tuple(images.shape[-2:])) or original(images, *a, **k)
+    model.training_losses(batch)
+    assert sizes[0] == tuple(batch["image"].shape[-2:])  # the global + dense pass
+    assert len(sizes) > 1 and all(s == (expected, expected) for s in sizes[1:])
