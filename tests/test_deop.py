@@ -257,3 +257,23 @@ def test_row_sweeps_compose_every_row_on_the_toy_proxy(experiment: str) -> None:
             cfg = compose("train", overrides=[f"experiment={experiment}", f"{key}={row}", "+world=toy"])
             assert cfg.clip.arch == "toy" and cfg.method._target_ == DEOP, row
     GlobalHydra.instance().clear()
+
+
+def test_learnt_text_embeddings_are_computed_once_outside_training(make_cfg) -> None:
+    """Evaluation reuses the learnt-context text embeddings (the text tower over every class name per image
+    would dominate inference); training, or a step back into train mode, computes them afresh."""
+    model = build_run(make_cfg(TINY, tiny=False), with_callbacks=False)["model"]
+    calls = []
+    original = model.text_prompts.forward
+    model.text_prompts.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    images = torch.rand(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        first = model.segment(images)
+        second = model.segment(images)
+    assert len(calls) == 1 and torch.equal(first, second)
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        model.segment(images)
+    assert len(calls) == 2

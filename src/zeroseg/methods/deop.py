@@ -196,6 +196,8 @@ class DeOP(ZSSMethod):
         cal_options = dict(cal or {})
         self.cal = build_anchor_decoder(str(cal_options.pop("decoder", "query")), joint_dim, num_queries, **cal_options)
         self.no_object_embedding = nn.Parameter(torch.randn(joint_dim) * joint_dim**-0.5)
+        # learnt-context text embeddings per class-name list, outside training only (text_embeddings)
+        self._eval_text_cache: dict[tuple[str, ...], Tensor] = {}
         self.loss_options = dict(loss or {})
         deop_segmentation_losses(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long), 255, **self.loss_options)  # validate keys
 
@@ -210,8 +212,24 @@ class DeOP(ZSSMethod):
 
     def text_embeddings(self, class_names: Sequence[str], fixed: Tensor) -> Tensor:
         """The classifier: the learnt-context text embeddings of ``class_names`` (CoOp), or ``fixed`` (the
-        teacher's template embeddings) without text prompts."""
-        return fixed if self.text_prompts is None else self.text_prompts(self.teacher, class_names)
+        teacher's template embeddings) without text prompts. Outside training they are computed once and
+        kept until the module trains again: the context cannot change in eval mode, and the text tower over
+        every class name would otherwise cost ~1 TFLOP per test image at COCO-Stuff's 171 classes."""
+        if self.text_prompts is None:
+            return fixed
+        if self.training or torch.is_grad_enabled():
+            return self.text_prompts(self.teacher, class_names)
+        key = tuple(class_names)
+        cached = self._eval_text_cache.get(key)
+        if cached is None or cached.device != fixed.device:
+            cached = self._eval_text_cache[key] = self.text_prompts(self.teacher, class_names)
+        return cached
+
+    def train(self, mode: bool = True) -> "DeOP":
+        cache = self.__dict__.get("_eval_text_cache")
+        if cache:
+            cache.clear()  # the context may change from here on
+        return super().train(mode)
 
     def classify_proposals(self, images: Tensor, mask_logits: Tensor, text_embeddings: Tensor) -> Tensor:
         """Class logits ``(B, N, K+1)`` of the proposals (last column: no object): one severed, prompted
