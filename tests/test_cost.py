@@ -41,6 +41,18 @@ def test_conv_flops_equal_the_hand_count_grouped_backward_included(groups: int) 
     assert _flops(conv, x_frozen, backward=True) == 2 * forward
 
 
+class _Prompt(nn.Module):
+    """A learnable prompt that runs a tower it is given inside its own call (DeOP's text prompts run the
+    teacher's text tower)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, tower: nn.Module) -> torch.Tensor:
+        return tower(self.linear(x))
+
+
 class _Method(nn.Module):
     """A method-shaped model: a frozen teacher, a backbone, a head, and a matmul outside any module."""
 
@@ -51,11 +63,13 @@ class _Method(nn.Module):
         self.teacher.encode = lambda x: self.teacher.blocks(x)
         self.backbone = nn.Linear(4, 8)
         self.head = nn.Linear(8, 3)
+        self.prompts = _Prompt()
 
     def training_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             target = self.teacher.encode(x)  # like CLIPTeacher.encode_image: the child itself is never called
-        features = self.backbone(x)
+        prompted = self.prompts(x, self.teacher.blocks)  # the tower's FLOPs: the teacher's, counted once
+        features = self.backbone(x + prompted[:, :4])
         outside = features @ features.t()  # (5, 5): 2*5*8*5 FLOPs outside modules
         return {"loss": self.head(features).sum() + outside.sum() + target.sum()}
 
@@ -63,12 +77,17 @@ class _Method(nn.Module):
 def test_flops_are_split_into_teacher_backbone_modules_outside_and_backward() -> None:
     x = torch.randn(5, 4)
     split = _count_flops(_Method(), "training_losses", x, backward=True)
-    assert split["teacher"] == 2 * 5 * 4 * 6 + 2 * 5 * 6 * 6
+    tower = 2 * 5 * 4 * 6 + 2 * 5 * 6 * 6
+    assert split["teacher"] == 2 * tower  # the direct pass and the one inside the prompt's call
     assert split["backbone"] == 2 * 5 * 4 * 8
-    assert split["modules"] == 2 * 5 * 8 * 3
+    assert split["modules"] == 2 * 5 * 8 * 3 + 2 * 5 * 4 * 4  # head + the prompt's own linear
     assert split["outside"] == 2 * 5 * 8 * 5
-    # backward: head (input + weight grads), the outside matmul (two operand grads), backbone (weight grad only)
-    assert split["backward"] == 2 * (2 * 5 * 8 * 3) + 2 * (2 * 5 * 8 * 5) + 2 * 5 * 4 * 8
+    # backward: head (input + weight grads), the outside matmul (two operand grads), backbone (input + weight:
+    # its input depends on the prompt), the tower inside the prompt (input grads only: frozen), the prompt (weight)
+    assert split["backward"] == (
+        2 * (2 * 5 * 8 * 3) + 2 * (2 * 5 * 8 * 5) + 2 * (2 * 5 * 4 * 8) + tower + 2 * 5 * 4 * 4
+    )
+    # every operation in exactly one part
     assert split["total"] == sum(split[k] for k in ("teacher", "backbone", "modules", "outside", "backward"))
 
 

@@ -46,9 +46,15 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "PartFlopCounter",
     "conv_backward_flops",
     "flop_counter",
-    "flop_split", "format_markdown", "measure_row", "run_cost_benchmark", "synthetic_batch", "write_cost_tables"]
+    "format_markdown",
+    "measure_row",
+    "run_cost_benchmark",
+    "synthetic_batch",
+    "write_cost_tables",
+]
 
 PARTS = ("teacher", "backbone", "modules", "outside")
 
@@ -79,31 +85,6 @@ class _Entry(nn.Module):
         return getattr(self.method, self.function)(*args)
 
 
-def flop_split(counts: dict[str, dict[Any, int]]) -> dict[str, int]:
-    """Split ``FlopCounterMode.get_flop_counts()`` of an :class:`_Entry` call into :data:`PARTS`.
-
-    A method's top-level child is not always *called* (``teacher.encode_image`` runs the tower's blocks
-    directly), so each child's FLOPs are those of its outermost counted submodules; a child's operations
-    outside any of its submodules (e.g. the teacher's final projection matmul, <1 % of a ViT pass) count as
-    ``outside``."""
-    totals = {name: sum(ops.values()) for name, ops in counts.items()}
-    prefix = "_Entry.method."
-    per_child: dict[str, int] = {}
-    for name, flops in totals.items():
-        if not name.startswith(prefix):
-            continue
-        parts = name.split(".")
-        ancestors = {".".join(parts[:i]) for i in range(3, len(parts))}
-        if ancestors & totals.keys():
-            continue  # counted in its outermost counted ancestor
-        child = parts[2]
-        per_child[child] = per_child.get(child, 0) + flops
-    total = totals.get("Global", 0)
-    teacher, backbone = per_child.pop("teacher", 0), per_child.pop("backbone", 0)
-    modules = sum(per_child.values())
-    return {"teacher": teacher, "backbone": backbone, "modules": modules, "outside": total - teacher - backbone - modules, "total": total}
-
-
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _output_padding, _groups, output_mask, out_shape, **kwargs) -> int:  # noqa: E501
     """FLOPs of ``aten.convolution_backward``: each requested gradient (input, weight) costs what the forward
     convolution costs. torch's own formula computes the weight gradient as an ungrouped convolution, so it
@@ -113,9 +94,32 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
-def flop_counter() -> FlopCounterMode:
-    """``FlopCounterMode`` with the grouped-convolution backward counted correctly (:func:`conv_backward_flops`)."""
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+class PartFlopCounter(FlopCounterMode):
+    """``FlopCounterMode`` that also files every counted operation under ONE part (:data:`PARTS`) of an
+    :class:`_Entry` call, by the method's top-level children active when it runs: ``teacher`` if the teacher
+    is among them (a text tower called by a prompt learner is still the teacher's), else ``backbone``, else
+    ``modules`` (any other child: heads, decoders, prompts), else ``outside``. The per-module table of
+    ``FlopCounterMode`` adds an operation to every active module, so nested children would count twice."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+        self.part_counts = dict.fromkeys(PARTS, 0)
+
+    def _count_flops(self, func_packet, out, args, kwargs):  # type: ignore[override]
+        if func_packet in self.flop_registry:
+            flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            children = {name.split(".")[2] for name in self.mod_tracker.parents if name.startswith("_Entry.method.")}
+            part = next((p for p in ("teacher", "backbone") if p in children), "modules" if children else "outside")
+            self.part_counts[part] += flops
+            for parent in set(self.mod_tracker.parents):
+                self.flop_counts[parent][func_packet] += flops
+        return out
+
+
+def flop_counter() -> PartFlopCounter:
+    """A FLOP counter with the grouped-convolution backward counted correctly (:func:`conv_backward_flops`)
+    and the split by part (:class:`PartFlopCounter`)."""
+    return PartFlopCounter()
 
 
 def _count_flops(method: nn.Module, function: str, *args: Any, backward: bool = False) -> dict[str, int]:
@@ -126,7 +130,7 @@ def _count_flops(method: nn.Module, function: str, *args: Any, backward: bool = 
     entry = _Entry(method, function)
     with flop_counter() as counter:
         out = entry(*args)
-    split = flop_split(counter.get_flop_counts())
+    split = {**counter.part_counts, "total": counter.get_total_flops()}
     split["backward"] = 0
     if backward:
         with flop_counter() as counter:
