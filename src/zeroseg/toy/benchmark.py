@@ -166,7 +166,8 @@ def _run_one(bench: DictConfig, run_dir: Path, row: BenchmarkRow, seed: int, ove
         cfg = compose_config("train", overrides, run_dir, root_dir=bench.root_dir)
         metrics, _ = train(cfg)
     else:
-        eval_overrides = [o for o in overrides if not _override_key(o).startswith("callbacks")]  # eval.yaml has no callbacks
+        # eval.yaml has no callbacks, and a training-free run has no training checkpoint to choose
+        eval_overrides = [o for o in overrides if not _override_key(o).startswith(("callbacks", "test_checkpoint"))]
         cfg = compose_config("eval", eval_overrides, run_dir, root_dir=bench.root_dir)
         metrics, _ = evaluate(cfg)
     seconds = time.perf_counter() - started
