@@ -144,7 +144,8 @@ def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path,
 
     # shared by every method, so nothing method-specific
     tiny = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps", "method.", "method="))]
-    overrides = "[" + ",".join([*tiny, "clip=toy"]) + "]"
+    # test_checkpoint=last as the toy benchmark's own shared overrides: a training-free row must run under it too
+    overrides = "[" + ",".join([*tiny, "clip=toy", "test_checkpoint=last"]) + "]"
     results = benchmark_main(
         [
             "toy",
