@@ -31,6 +31,7 @@ from zeroseg.methods.maft import (
 from zeroseg.models.ip_clip import IPCLIP, resolve_from_layer
 
 from conftest import TINY_OVERRIDES, compose_sweep_jobs, subprocess_env
+from test_region_tokens import plain_block
 
 # a 3-block CLS-pooled tower: every from_layer (0, 1, 2) has blocks before and after it
 CLIP_CFG = {
@@ -69,19 +70,8 @@ def _random_masks(batch: int, regions: int, height: int, width: int, seed: int =
 # -- a hand-written masked ViT (independent of region_tokens) ---------------------------------------------------------
 
 
-def hand_block(block, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """One pre-norm CLIP block with masked multi-head attention written out; ``allowed (B, L, L)`` bool."""
-    attention = block.attn
-    heads, width = attention.num_heads, x.shape[-1]
-    head_dim = width // heads
-    h = block.ln_1(x)
-    q, k, v = (h @ attention.in_proj_weight.t() + attention.in_proj_bias).split(width, dim=-1)
-    split = lambda t: t.view(t.shape[0], t.shape[1], heads, head_dim).transpose(1, 2)  # noqa: E731
-    q, k, v = split(q), split(k), split(v)
-    scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
-    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    x = x + attention.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape))
-    return x + block.mlp(block.ln_2(x))
+# one pre-norm CLIP block with masked attention written out by hand (shared with the region-token tests)
+hand_block = plain_block
 
 
 def hand_tokens(visual, pixels: torch.Tensor) -> torch.Tensor:
