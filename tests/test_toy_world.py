@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 import pytest
@@ -152,6 +153,7 @@ def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path,
             "seeds=[0,1]",
             "methods=[baseline,clip_zero_shot]",
             "oracle=true",
+            "workers=1",
             f"root_dir={tmp_path}",
             f"overrides={overrides}",
             # not benchmark keys: overrides of every run (the benchmark's own config says 300 steps)
@@ -186,7 +188,7 @@ def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path,
     (run_dir / "baseline" / "seed1" / "benchmark_run.json").unlink()
     trained = []
     monkeypatch.setattr("zeroseg.toy.benchmark.train", lambda cfg: trained.append(cfg.seed) or train(cfg))
-    arguments = ["toy", "seeds=[0,1]", "methods=[baseline,clip_zero_shot]", "oracle=true", f"root_dir={tmp_path}",
+    arguments = ["toy", "seeds=[0,1]", "methods=[baseline,clip_zero_shot]", "oracle=true", "workers=1", f"root_dir={tmp_path}",
                  f"overrides={overrides}", "trainer.max_steps=2", "trainer.val_check_interval=2"]  # fmt: skip
     resumed = benchmark_main([*arguments, f"resume_dir={run_dir}"])
     assert trained == [1] and resumed["reused_runs"] == 4
@@ -245,16 +247,21 @@ def test_a_two_stage_row_runs_after_its_first_stage_and_gets_its_checkpoint(tmp_
     monkeypatch.setattr(benchmark, "evaluate", fake_run)
     monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
     bench = load_benchmark_config(
-        "toy", ["seeds=[0,1]", "methods=[c2s,clip_zero_shot,baseline]", "oracle=false", "extra_rows=[]", "stage1={c2s: {row: baseline, train: false}, clip_zero_shot: baseline}"]
+        "toy",
+        ["seeds=[0,1]", "methods=[c2s,clip_zero_shot,baseline]", "oracle=false", "extra_rows=[]", "workers=1",
+         "stage1={c2s: {row: baseline, train: false}, clip_zero_shot: baseline}"],  # fmt: skip
     )
     results = benchmark.run_benchmark(bench, tmp_path)
     order = [(next(o for o in overrides if o.startswith("method="))[7:], seed) for _, seed, overrides in calls]
-    assert order == [("baseline", 0), ("baseline", 1), ("c2s", 0), ("c2s", 1), ("clip_zero_shot", 0), ("clip_zero_shot", 1)]
+    # a seed's second stages run as soon as its first stage is done
+    assert order == [("baseline", 0), ("c2s", 0), ("clip_zero_shot", 0), ("baseline", 1), ("c2s", 1), ("clip_zero_shot", 1)]
     # train: false evaluates a trainable method (nothing left to train given its first stage), every seed
-    assert [name for name, _, _ in calls] == ["train", "train", "eval", "eval", "eval", "eval"]
-    for _, seed, overrides in calls[2:]:
-        assert f"method.proposals.ckpt_path={tmp_path / 'baseline' / f'seed{seed}' / 'checkpoints' / 'last.ckpt'}" in overrides
-    assert not any(o.startswith("method.proposals") for _, _, overrides in calls[:2] for o in overrides)
+    assert [name for name, _, _ in calls] == ["train", "eval", "eval", "train", "eval", "eval"]
+    for (method, _), (_, seed, overrides) in zip(order, calls):
+        checkpoint = f"method.proposals.ckpt_path={tmp_path / 'baseline' / f'seed{seed}' / 'checkpoints' / 'last.ckpt'}"
+        assert (checkpoint in overrides) == (method != "baseline")
+    assert not any(o.startswith("method.proposals") for method_seed, (_, _, overrides) in zip(order, calls)
+                   if method_seed[0] == "baseline" for o in overrides)  # fmt: skip
     rows = {row["row"]: row for row in results["rows"]}
     assert [row["row"] for row in results["rows"]] == ["c2s", "clip_zero_shot", "baseline"]  # table order kept
     assert rows["c2s"]["stage1_seconds"] == 10.0 and rows["c2s"]["seconds"] == 3.0
@@ -263,6 +270,136 @@ def test_a_two_stage_row_runs_after_its_first_stage_and_gets_its_checkpoint(tmp_
     assert "| 13 (10 stage 1 + 3) |" in next(line for line in markdown.splitlines() if line.startswith("| c2s "))
     with pytest.raises(ValueError, match=r"benchmark.stage1: c2s's first stage is the 'baseline' row, which must be"):
         benchmark_rows(load_benchmark_config("toy", ["methods=[c2s]", "stage1={c2s: baseline}"]))
+
+
+def _plan_of(stage1: dict[str, str], rows: Sequence[str], seeds: Sequence[int]):
+    from zeroseg.toy.benchmark import BenchmarkRow, BenchmarkRun
+
+    return [
+        BenchmarkRun(BenchmarkRow(name, name, True, stage1=stage1.get(name)), seed, (stage1[name], seed) if name in stage1 else None)  # noqa: E501
+        for name in rows
+        for seed in seeds
+    ]
+
+
+def test_parallel_runs_respect_the_worker_count_and_start_after_their_first_stage() -> None:
+    import threading
+    import time
+
+    from zeroseg.toy.benchmark import run_in_order
+
+    plan = _plan_of({"second": "first", "third": "first"}, ["first", "other", "second", "third"], [0, 1, 2])
+    # the first stage of seed 2 is slow: its second stages must wait for it while others go on
+    durations = {("first", 2): 0.4}
+    lock, active, peak, events = threading.Lock(), [0], [0], []
+
+    def execute(run):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            events.append(("start", run.key, time.perf_counter()))
+        time.sleep(durations.get(run.key, 0.05))
+        with lock:
+            active[0] -= 1
+            events.append(("end", run.key, time.perf_counter()))
+        return {"key": run.key}
+
+    finished = run_in_order(plan, 3, execute)
+    assert finished == {run.key: {"key": run.key} for run in plan}
+    assert peak[0] == 3  # never more than the workers, and they were used
+    position = {(kind, key): i for i, (kind, key, _) in enumerate(events)}
+    for run in plan:
+        if run.after is not None:
+            assert position[("start", run.key)] > position[("end", run.after)], run.key
+    # seed 0's and 1's second stages did not wait for seed 2's slow first stage
+    assert position[("start", ("second", 0))] < position[("end", ("first", 2))]
+
+
+def test_a_failed_parallel_run_stops_new_runs_lets_running_ones_finish_and_raises_its_error() -> None:
+    import threading
+    import time
+
+    from zeroseg.toy.benchmark import run_in_order
+
+    plan = _plan_of({"second": "first"}, ["first", "second"], [0, 1, 2])
+    started, finished, lock = [], [], threading.Lock()
+
+    def execute(run):
+        with lock:
+            started.append(run.key)
+        if run.key == ("first", 0):
+            time.sleep(0.05)
+            raise RuntimeError("benchmark run first, seed 0 failed")
+        time.sleep(0.3)
+        with lock:
+            finished.append(run.key)
+        return {}
+
+    with pytest.raises(RuntimeError, match="first, seed 0 failed"):
+        run_in_order(plan, 2, execute)
+    # the run beside it finished; nothing started after the failure
+    assert started == [("first", 0), ("first", 1)] and finished == [("first", 1)]
+    with pytest.raises(ValueError, match=r"come after runs that are not planned"):
+        run_in_order(_plan_of({"second": "first"}, ["second"], [0]), 2, execute)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_two_processes_at_a_time_and_names_a_failed_run_and_its_log(tmp_path: Path) -> None:
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps", "method.", "method="))]
+    overrides = "[" + ",".join([*tiny, "clip=toy", "test_checkpoint=last"]) + "]"
+    arguments = ["toy", "seeds=[0,1]", "methods=[baseline]", "oracle=false", "extra_rows=[]", "workers=2",
+                 "threads_per_run=1", f"root_dir={tmp_path}", f"overrides={overrides}", "trainer.max_steps=2",
+                 "trainer.val_check_interval=2"]  # fmt: skip
+    results = benchmark_main(arguments)
+    run_dir = Path(results["run_dir"])
+    runs = results["rows"][0]["runs"]
+    assert [run["seed"] for run in runs] == [0, 1]
+    for run in runs:
+        seed_dir = run_dir / "baseline" / f"seed{run['seed']}"
+        # each run was its own process with one thread, its output in its own log
+        assert run["threads"] == 1
+        assert "validation at step 2" in (seed_dir / "benchmark_run.log").read_text()
+        assert json.loads((seed_dir / "metrics.json").read_text())["hIoU"] == pytest.approx(run["hIoU"])
+    # the two seeds ran side by side
+    assert max(r["started"] for r in runs) < min(r["finished"] for r in runs)
+    assert "; wall time " in (markdown := (run_dir / "toy_benchmark.md").read_text())
+    assert "2 runs at a time, 1 thread(s) each" in markdown
+
+    # a run that fails names itself and its log; the benchmark fails
+    failed = r"benchmark run baseline, seed 0 failed \(exit 1\); its log: .*baseline/seed0/benchmark_run.log"
+    with pytest.raises(RuntimeError, match=failed):
+        benchmark_main([*arguments, "seeds=[0]", "method_overrides={baseline: [backbone=no_such_backbone]}"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_benchmark_stops_its_runs_and_exits_nonzero(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps", "method.", "method="))]
+    overrides = "[" + ",".join([*tiny, "clip=toy"]) + "]"
+    # long enough to be running when the signal comes
+    arguments = ["seeds=[0,1]", "methods=[baseline]", "oracle=false", "extra_rows=[]", "workers=2", "threads_per_run=1",
+                 f"root_dir={tmp_path}", f"overrides={overrides}", "trainer.max_steps=100000", "trainer.val_check_interval=100000"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zeroseg.benchmark", "toy", *arguments], env=subprocess_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    logs = lambda: list(tmp_path.glob("logs/benchmark/toy/*/baseline/seed*/benchmark_run.log"))  # noqa: E731
+    deadline = time.monotonic() + 240
+    while not (len(logs()) == 2 and all("[zeroseg.train][INFO] - training" in path.read_text() for path in logs())):
+        assert process.poll() is None and time.monotonic() < deadline, "the runs never started training"
+        time.sleep(0.5)
+    time.sleep(3)  # into the training loop, where the stop signals are handled
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+        for path in logs():  # each run was told to stop, and saved its state (callbacks.STOP_SIGNALS)
+            assert "SIGTERM received: stopped at step" in path.read_text(), path
+        # and none is left running
+        assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b""
+    finally:  # never leave a 100,000-step run behind
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)])
 
 
 def test_no_lower_layer_imports_a_method_or_the_training_entry_points() -> None:

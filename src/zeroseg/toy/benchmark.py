@@ -31,6 +31,16 @@ Two-stage methods (DeOP, MAFT, ``multipass_clip`` on frozen proposals) name thei
 ``method.proposals.ckpt_path=<its run>/checkpoints/last.ckpt``, runs after every one-stage row, and
 its time in the table includes the first stage's (``Total`` counts that run once).
 
+Runs go ``workers`` at a time (default 2: on a 2-core machine two one-thread runs finish the
+benchmark in about half the time of one two-thread run, which stalls whenever anything else holds a
+core). With ``workers > 1`` each run is its own process (``python -m zeroseg.toy.benchmark --run-one``)
+with ``threads_per_run`` threads (default: the machine's cores divided by ``workers``) and its output in
+``<row>/seed<k>/benchmark_run.log``; a two-stage run starts as soon as its seed's first stage has
+finished and a worker is free. ``workers=1`` runs everything in this process, one after another. A
+failed run stops new runs from starting, lets the running ones finish (their records are kept for
+``resume_dir``) and then raises, naming the run and its log. The table states the wall time of the
+invocation beside the sum of the runs' own times.
+
 Reference rows bound the problem: ``clip_zero_shot`` (the teacher's own dense prediction, no
 training) from below, and ``oracle`` (the first trainable method trained with
 ``dataset.setting=supervised``, i.e. with unseen labels too) from above. Every row names the
@@ -44,14 +54,21 @@ import importlib
 import json
 import logging
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zeroseg.eval import evaluate
@@ -61,7 +78,16 @@ from zeroseg.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchmarkRow", "registered_methods", "split_arguments", "run_benchmark", "format_markdown", "main"]
+__all__ = [
+    "BenchmarkRow",
+    "BenchmarkRun",
+    "registered_methods",
+    "split_arguments",
+    "run_in_order",
+    "run_benchmark",
+    "format_markdown",
+    "main",
+]
 
 COLUMNS = ("sIoU", "uIoU", "hIoU", "mIoU")
 CONF = files("zeroseg") / "conf"
@@ -160,21 +186,90 @@ def _finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
     return record["run"]
 
 
-def _run_one(bench: DictConfig, run_dir: Path, row: BenchmarkRow, seed: int, overrides: list[str]) -> dict[str, Any]:
-    started = time.perf_counter()
-    if row.trainable:
-        cfg = compose_config("train", overrides, run_dir, root_dir=bench.root_dir)
+def _run_one(root_dir: str, run_dir: Path, trainable: bool, seed: int, overrides: list[str]) -> dict[str, Any]:
+    started_at, started = time.time(), time.perf_counter()
+    if trainable:
+        cfg = compose_config("train", overrides, run_dir, root_dir=root_dir)
         metrics, _ = train(cfg)
     else:
         # eval.yaml has no callbacks, and a training-free run has no training checkpoint to choose
         eval_overrides = [o for o in overrides if not _override_key(o).startswith(("callbacks", "test_checkpoint"))]
-        cfg = compose_config("eval", eval_overrides, run_dir, root_dir=bench.root_dir)
+        cfg = compose_config("eval", eval_overrides, run_dir, root_dir=root_dir)
         metrics, _ = evaluate(cfg)
     seconds = time.perf_counter() - started
-    run = {"seed": seed, "seconds": seconds, "teacher": _teacher_name(cfg), **{k: float(metrics[k]) for k in COLUMNS}}
+    run = {
+        "seed": seed,
+        "seconds": seconds,
+        "teacher": _teacher_name(cfg),
+        **{k: float(metrics[k]) for k in COLUMNS},
+        # when and with how many threads: shows which runs shared the machine
+        "started": started_at,
+        "finished": time.time(),
+        "threads": torch.get_num_threads(),
+    }
     # written last: a run interrupted before this point is trained again by resume_dir
     atomic_write_text(run_dir / RUN_RECORD, json.dumps({"overrides": overrides, "run": run}, indent=2) + "\n")
     return run
+
+
+RUN_LOG = "benchmark_run.log"
+
+
+class _RunProcesses:
+    """Runs in their own processes (``workers > 1``); ``terminate`` stops every one still running."""
+
+    def __init__(self, root_dir: str, threads: int) -> None:
+        self.root_dir, self.threads = root_dir, threads
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def __call__(self, run_dir: Path, row: BenchmarkRow, seed: int, overrides: list[str]) -> dict[str, Any]:
+        spec = {"root_dir": self.root_dir, "run_dir": str(run_dir), "trainable": row.trainable, "seed": seed,
+                "overrides": overrides, "threads": self.threads}  # fmt: skip
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # one thread per run unless told otherwise: OpenMP sized by the process, not by the machine
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        log_path = run_dir / RUN_LOG
+        with open(log_path, "w") as log_file:
+            with self._lock:
+                if self._stopping:
+                    raise RuntimeError(f"benchmark run {row.name}, seed {seed}: not started, the benchmark is stopping")
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "zeroseg.toy.benchmark", "--run-one", json.dumps(spec)],
+                    stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                )  # fmt: skip
+                self._running.add(process)
+            try:
+                code = process.wait()
+            finally:
+                with self._lock:
+                    self._running.discard(process)
+        record = run_dir / RUN_RECORD
+        if code != 0 or not record.is_file():
+            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+            raise RuntimeError(f"benchmark run {row.name}, seed {seed} failed (exit {code}); its log: {log_path}\n{tail}")
+        return json.loads(record.read_text())["run"]
+
+    def terminate(self) -> None:
+        with self._lock:
+            self._stopping = True
+            running = list(self._running)
+        for process in running:
+            process.terminate()  # a training run saves its state on SIGTERM (callbacks.STOP_SIGNALS)
+        for process in running:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _run_one_process(spec_json: str) -> None:
+    """The child side of :class:`_RunProcesses`: one run, its record written by :func:`_run_one`."""
+    spec = json.loads(spec_json)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    torch.set_num_threads(int(spec["threads"]))
+    _run_one(spec["root_dir"], Path(spec["run_dir"]), spec["trainable"], spec["seed"], spec["overrides"])
 
 
 def _container(node: Any, empty: Any) -> Any:
@@ -239,43 +334,160 @@ def _row_directory(row: BenchmarkRow) -> str:
     return _row_directory_name(row.name)
 
 
+@dataclass(frozen=True)
+class BenchmarkRun:
+    """One (row, seed) run of the plan; ``after`` is the (row name, seed) run it needs finished first."""
+
+    row: BenchmarkRow
+    seed: int
+    after: tuple[str, int] | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.row.name, self.seed)
+
+
+def _next_ready(pending: list[BenchmarkRun], finished: dict[tuple[str, int], Any]) -> BenchmarkRun | None:
+    """The next run to start: a run whose first stage has just finished goes before the rest (its
+    first stage's seed is done), otherwise plan order; ``None`` if every pending run waits."""
+    ready = [run for run in pending if run.after is None or run.after in finished]
+    return next((run for run in ready if run.after is not None), ready[0] if ready else None)
+
+
+def run_in_order(
+    runs: Sequence[BenchmarkRun],
+    workers: int,
+    execute: Callable[[BenchmarkRun], Any],
+    abort: Callable[[], None] = lambda: None,
+) -> dict[tuple[str, int], Any]:
+    """``execute`` every run, at most ``workers`` at a time, none before the run it comes ``after``.
+
+    ``workers == 1`` runs in this thread and lets the first error through. Otherwise runs execute in
+    worker threads; after a failure no new run starts, the running ones finish, and the first error is
+    raised (the others are logged). Any interruption of the waiting thread (Ctrl-C, SIGTERM turned
+    into ``SystemExit``) calls ``abort`` before the worker threads are joined.
+    """
+    keys = {run.key for run in runs}
+    missing = [run for run in runs if run.after is not None and run.after not in keys]
+    if missing:
+        raise ValueError(f"benchmark runs {[r.key for r in missing]} come after runs that are not planned")
+    pending, finished = list(runs), {}
+    if workers <= 1:
+        while pending:
+            run = _next_ready(pending, finished)
+            pending.remove(run)
+            finished[run.key] = execute(run)
+        return finished
+    failures: list[tuple[BenchmarkRun, BaseException]] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="benchmark-run") as pool:
+        running: dict[Future, BenchmarkRun] = {}
+        try:
+            while pending or running:
+                while not failures and len(running) < workers and (run := _next_ready(pending, finished)) is not None:
+                    pending.remove(run)
+                    running[pool.submit(execute, run)] = run
+                if not running:
+                    break  # a failure left the rest unstarted
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    run = running.pop(future)
+                    error = future.exception()
+                    if error is None:
+                        finished[run.key] = future.result()
+                    else:
+                        failures.append((run, error))
+        except BaseException:
+            abort()
+            raise
+    if failures:
+        for run, error in failures[1:]:
+            log.error("benchmark run %s, seed %d also failed: %s", run.row.name, run.seed, error)
+        if pending:
+            log.error("benchmark: %d runs not started after the failure: %s", len(pending), [r.key for r in pending])
+        raise failures[0][1]
+    return finished
+
+
+def _plan(rows: list[BenchmarkRow], seeds: list[int]) -> list[BenchmarkRun]:
+    """Every (row, seed) run: first stages first, then the other one-stage rows, then two-stage rows.
+    Training-free rows do not vary with the seed, unless their first stage does."""
+    first_stages = {row.stage1 for row in rows if row.stage1 is not None}
+    order = sorted(rows, key=lambda r: (r.stage1 is not None, r.name not in first_stages))
+    return [
+        BenchmarkRun(row, seed, None if row.stage1 is None else (row.stage1, seed))
+        for row in order
+        for seed in (seeds if row.trainable or row.stage1 is not None else seeds[:1])
+    ]
+
+
+def _threads_per_run(bench: DictConfig, workers: int) -> int:
+    threads = bench.get("threads_per_run")
+    if threads is None:
+        return max(1, (os.cpu_count() or 1) // workers)
+    if int(threads) < 1:
+        raise ValueError(f"benchmark.threads_per_run={threads}: expected a positive number of threads or null")
+    return int(threads)
+
+
 def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every row of the benchmark into ``run_dir``; returns the JSON-able results."""
     rows = benchmark_rows(bench)
     seeds = list(bench.seeds)
-    # training-free rows do not vary with the seed, unless their first stage does; two-stage rows run after
-    # every one-stage row, so their first stage has finished
-    plan = [
-        (row, seed)
-        for row in sorted(rows, key=lambda r: r.stage1 is not None)
-        for seed in (seeds if row.trainable or row.stage1 is not None else seeds[:1])
-    ]
+    workers = int(bench.get("workers", 1))
+    if workers < 1:
+        raise ValueError(f"benchmark.workers={workers}: expected at least 1 run at a time")
+    plan = _plan(rows, seeds)
     results: dict[str, Any] = {
         "name": bench.name,
         "seeds": seeds,
         "overrides": [*bench.overrides, *bench.run_overrides],
         "run_dir": str(run_dir),
         "reused_runs": 0,
+        "workers": workers,
         "rows": [],
     }
+    processes = None
+    if workers > 1:
+        processes = _RunProcesses(str(bench.root_dir), _threads_per_run(bench, workers))
+        results["threads_per_run"] = processes.threads
     started = time.perf_counter()
-    runs_by_row: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
-    for index, (row, seed) in enumerate(plan, start=1):
-        progress = (bench.name, index, len(plan), row.name, seed)
+    index = {run.key: k for k, run in enumerate(plan, start=1)}
+    reuse_lock = threading.Lock()
+
+    def execute(planned: BenchmarkRun) -> dict[str, Any]:
+        row, seed = planned.row, planned.seed
+        progress = (bench.name, index[planned.key], len(plan), row.name, seed)
         seed_dir = run_dir / _row_directory(row) / f"seed{seed}"
         overrides = _run_overrides(bench, row, seed, run_dir)
         run = _finished_run(seed_dir, overrides)
         if run is not None:
             log.info("benchmark %s: run %d/%d — %s, seed %d: reused (%s)", *progress, seed_dir / RUN_RECORD)
-            results["reused_runs"] += 1
+            with reuse_lock:
+                results["reused_runs"] += 1
+            return run
+        log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
+        if processes is None:
+            run = _run_one(str(bench.root_dir), seed_dir, row.trainable, seed, overrides)
         else:
-            log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
-            run = _run_one(bench, seed_dir, row, seed, overrides)
-            log.info(
-                "benchmark %s: run %d/%d done — %s, seed %d: hIoU %.2f in %.0f s (elapsed %s)",
-                *progress, run["hIoU"], run["seconds"], _clock(started),
-            )  # fmt: skip
-        runs_by_row[row.name].append(run)
+            run = processes(seed_dir, row, seed, overrides)
+        log.info(
+            "benchmark %s: run %d/%d done — %s, seed %d: hIoU %.2f in %.0f s (elapsed %s)",
+            *progress, run["hIoU"], run["seconds"], _clock(started),
+        )  # fmt: skip
+        return run
+
+    previous_handler = None
+    if processes is not None and threading.current_thread() is threading.main_thread():
+        # SIGTERM (scancel, kill) reaches the waiting thread as SystemExit, so the runs are stopped too
+        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        finished = run_in_order(plan, workers, execute, abort=processes.terminate if processes else lambda: None)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    runs_by_row: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
+    for planned in sorted(plan, key=lambda r: (r.row.name, seeds.index(r.seed))):
+        runs_by_row[planned.row.name].append(finished[planned.key])
     for row in rows:
         runs = runs_by_row[row.name]
         stage1_seconds = statistics.fmean(r["seconds"] for r in runs_by_row[row.stage1]) if row.stage1 else None
@@ -295,6 +507,7 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     # the runs' own times: the same whether the benchmark ran in one go or was resumed
     results["total_seconds"] = sum(run["seconds"] for runs in runs_by_row.values() for run in runs)
+    # this invocation's wall time (a resumed one covers only the runs it trained)
     results["wall_seconds"] = time.perf_counter() - started
     return results
 
@@ -304,6 +517,15 @@ def _clock(started: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _wall_clause(results: dict[str, Any]) -> str:
+    if "wall_seconds" not in results:
+        return ""
+    workers = results.get("workers", 1)
+    how = f"{workers} runs at a time, {results['threads_per_run']} thread(s) each" if workers > 1 else "one run at a time"
+    reused = f", {results['reused_runs']} runs reused" if results.get("reused_runs") else ""
+    return f"; wall time {results['wall_seconds'] / 60:.1f} min ({how}{reused})"
+
+
 def format_markdown(results: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in results["seeds"])
     lines = [
@@ -311,7 +533,9 @@ def format_markdown(results: dict[str, Any]) -> str:
         "",
         f"Seeds {seeds}; mean ± sample std over seeds (training-free rows: one run). Shared overrides: "
         + " ".join(f"`{o}`" for o in results["overrides"])
-        + f". Total {results.get('total_seconds', 0) / 60:.1f} min (sum of the runs' times).",
+        + f". Total {results.get('total_seconds', 0) / 60:.1f} min (sum of the runs' times)"
+        + _wall_clause(results)
+        + ".",
         "",
         "| method | trained | teacher | " + " | ".join(COLUMNS) + " | time per run (s) |",
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
@@ -403,4 +627,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--run-one"]:  # one run of a benchmark with workers > 1 (see _RunProcesses)
+        _run_one_process(sys.argv[2])
+    else:
+        main()
