@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import PROPOSALS_TINY, TINY_OVERRIDES, compose_sweep_jobs
 from zeroseg.build import build_run
 from zeroseg.clip.teacher import severed_block_forward, visual_forward
 from zeroseg.models.anchor_decoders import QueryHeatmapDecoder, heatmap_pooling
+
+from conftest import PROPOSALS_TINY, TINY_OVERRIDES, compose_sweep_jobs
 
 DEOP = "zeroseg.methods.DeOP"
 # the tiny world without the dense head's key; a narrow proposal stack on 64-px scenes, the toy CLIP
@@ -277,3 +277,44 @@ def test_learnt_text_embeddings_are_computed_once_outside_training(make_cfg) -> 
     with torch.no_grad():
         model.segment(images)
     assert len(calls) == 2
+
+
+def test_predict_classifies_with_the_learnt_text_context(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """``zeroseg.predict`` on a DeOP checkpoint classifies arbitrary names through the checkpoint's learnt
+    CoOp context, as the method's own evaluation does, not through the teacher's template prompts (what
+    predict used before)."""
+    import numpy as np
+    from PIL import Image
+
+    import zeroseg.predict as predict_module
+
+    from conftest import compose_test_config
+
+    cfg, _, objects = _train(make_cfg, [*TINY, "test=false"], "predict")
+    # four steps barely move the context from its template initialisation: move it, as longer training does
+    checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    context = checkpoint["state_dict"]["text_prompts.context"]
+    moved = context + torch.randn(context.shape, generator=torch.Generator().manual_seed(1))
+    checkpoint["state_dict"]["text_prompts.context"] = moved
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    scene = objects["datamodule"].datasets["val"][0]["image"]
+    Image.fromarray((scene.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(tmp_path / "scene.png")
+    names = ["red stripes", "cyan grid", "pink dots"]  # seen, unseen, and a name from nowhere
+    used = []
+    original = predict_module.open_vocabulary_logits
+    monkeypatch.setattr(predict_module, "open_vocabulary_logits", lambda m, x, e: used.append(e) or original(m, x, e))
+    predict_cfg = compose_test_config(
+        tmp_path / "predict",
+        [f"ckpt_path={tmp_path / 'moved.ckpt'}", f"inputs={tmp_path / 'scene.png'}", f'classes="{",".join(names)}"',
+         *[o for o in TINY if o.startswith(("method", "clip", "backbone"))]],
+        config_name="predict", tiny=False,
+    )  # fmt: skip
+    _, predicted = predict_module.predict(predict_cfg)
+    model = predicted["model"]
+    np.testing.assert_array_equal(model.text_prompts.context.detach().numpy(), moved.numpy())  # the checkpoint's
+    # independently: the CoOp learner with the moved context over these names
+    with torch.no_grad():
+        learnt = model.text_prompts(model.teacher, names)
+    assert len(used) == 1
+    torch.testing.assert_close(used[0], learnt)
+    assert not torch.allclose(learnt, model.teacher.encode_text(names), atol=1e-2)

@@ -380,7 +380,8 @@ def test_sigterm_to_a_parallel_benchmark_stops_its_runs_and_exits_nonzero(tmp_pa
     overrides = "[" + ",".join([*tiny, "clip=toy"]) + "]"
     # long enough to be running when the signal comes
     arguments = ["seeds=[0,1]", "methods=[baseline]", "oracle=false", "extra_rows=[]", "workers=2", "threads_per_run=1",
-                 f"root_dir={tmp_path}", f"overrides={overrides}", "trainer.max_steps=100000", "trainer.val_check_interval=100000"]  # fmt: skip
+                 f"root_dir={tmp_path}", f"overrides={overrides}", "trainer.max_steps=100000",
+                 "trainer.val_check_interval=100000"]  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "zeroseg.benchmark", "toy", *arguments], env=subprocess_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -259,7 +259,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model: ZSSMethod = objects["model"]
     trainer = objects["trainer"]
     device = trainer.strategy.root_device
-    embeddings = model.teacher.encode_text(class_names)  # through the teacher's text tower, cached on disk
+    with torch.no_grad():  # the method's own classifier: the teacher's text tower, or a learnt text context
+        embeddings = model.open_vocabulary_embeddings(class_names)
     warn_identical_embeddings(class_names, embeddings)
     embeddings = embeddings.to(device)
     log.info("predicting %d image(s) into %d classes: %s", len(paths), len(class_names), ", ".join(class_names))

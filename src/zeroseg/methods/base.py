@@ -268,6 +268,12 @@ class ZSSMethod(L.LightningModule):
         logits = self.inference(lambda x: self.predict_logits(x, self.class_text_embeddings), images)
         return self.calibrate_logits(resize_logits(logits, size if size is not None else images.shape[-2:]))
 
+    def open_vocabulary_embeddings(self, class_names: Sequence[str]) -> Tensor:
+        """The classifier this method puts arbitrary class names through (``zeroseg.predict``): the teacher's
+        template text embeddings, as for its own classes. A method that learns its text side overrides it
+        (DeOP's learnt prompt context), so that prediction classifies as the method's own evaluation does."""
+        return self.teacher.encode_text(class_names)
+
     def calibrate_logits(self, logits: Tensor) -> Tensor:
         """Evaluation-time adjustment of the logits over all classes (e.g. Chimera-Seg's γ on the
         unseen classes); never applied in training. Identity by default."""

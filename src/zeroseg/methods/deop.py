@@ -225,6 +225,10 @@ class DeOP(ZSSMethod):
             cached = self._eval_text_cache[key] = self.text_prompts(self.teacher, class_names)
         return cached
 
+    def open_vocabulary_embeddings(self, class_names: Sequence[str]) -> Tensor:
+        """Any class names through the learnt text context (CoOp), as :meth:`segment` classifies its own."""
+        return self.text_embeddings(class_names, self.teacher.encode_text(class_names))
+
     def train(self, mode: bool = True) -> "DeOP":
         cache = self.__dict__.get("_eval_text_cache")
         if cache:
