@@ -211,7 +211,8 @@ def test_benchmark_arguments_are_split_between_the_benchmark_and_every_run(tmp_p
         load_benchmark_config("toy", ["seed=3"])
     with pytest.raises(ValueError, match="method is chosen per run.*methods="):
         load_benchmark_config("toy", ["method=c2s"])
-    arguments = ["methods=[c2s,baseline]", "method_overrides={baseline: [backbone=resnet10t]}"]
+    extra = "extra_rows=[{row: c2s (attention encoder), method: c2s, overrides: [method.region_encoder=attention]}]"
+    arguments = ["methods=[c2s,baseline]", "method_overrides={baseline: [backbone=resnet10t]}", extra]
     rows = benchmark_rows(load_benchmark_config("toy", arguments))
     assert [(r.name, r.method, r.overrides) for r in rows] == [
         ("c2s", "c2s", []),

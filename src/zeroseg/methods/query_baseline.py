@@ -49,7 +49,7 @@ class QueryBaseline(ZSSMethod):
         input_scale: the images are resized by this factor (bilinear) before the backbone, in training
             and inference; labels and outputs keep the input size. 1 (default, the recipes) = as given.
             The toy world's 64-px scenes leave a 1/32 map of 2×2 for the decoder's coarsest level;
-            Mask2Former's recipes train at 512 px, so the toy setting runs the stack at 2× (README).
+            Mask2Former's recipes train at 512 px, so the toy setting runs the stack at 1.5× (README).
     """
 
     def __init__(

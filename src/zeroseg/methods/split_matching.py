@@ -490,7 +490,7 @@ class SplitMatching(ZSSMethod):
         inference_order: ``upsample_first`` (Mask2Former) or ``score_first``, as ``query_baseline``.
         inference_queries: query groups used at inference (all three by default; a subset draws e.g. the
             candidate queries alone, Fig. 5).
-        input_scale: images resized by this factor before the backbone (the toy setting's ×2), as
+        input_scale: images resized by this factor before the backbone (the toy setting's ×1.5), as
             ``query_baseline``.
     """
 
