@@ -195,6 +195,18 @@ def test_benchmark_writes_both_files_with_the_documented_columns(tmp_path: Path,
     again = {row["row"]: row for row in resumed["rows"]}
     assert again["oracle (baseline, all labels)"]["runs"] == rows["oracle (baseline, all labels)"]["runs"]
     assert resumed["total_seconds"] == pytest.approx(sum(r["seconds"] for row in resumed["rows"] for r in row["runs"]))
+    # nor one whose overrides now compose another config (a YAML default changed since it was written)
+    record_path = run_dir / "baseline" / "seed0" / "benchmark_run.json"
+    record = json.loads(record_path.read_text())
+    assert record["settings"]["dataset"]["batch_size"] == 8 and "paths" not in record["settings"]
+    record["settings"]["dataset"]["batch_size"] = 999
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"baseline/seed0/benchmark_run.json: the same overrides now compose another config \(dataset.batch_size: 999 then, 8 now\)"):
+        benchmark_main([*arguments, f"resume_dir={run_dir}"])
+    del record["settings"]
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"does not hold the run's resolved config"):
+        benchmark_main([*arguments, f"resume_dir={run_dir}"])
     # a record made under other overrides is never mixed in silently
     with pytest.raises(ValueError, match=r"baseline/seed0/benchmark_run.json: this run finished with overrides .*max_steps=2.* but the benchmark would now run it with .*max_steps=3"):
         benchmark_main([*arguments[:-2], "trainer.max_steps=3", "trainer.val_check_interval=2", f"resume_dir={run_dir}"])
@@ -365,6 +377,8 @@ def test_benchmark_runs_two_processes_at_a_time_and_names_a_failed_run_and_its_l
     assert max(r["started"] for r in runs) < min(r["finished"] for r in runs)
     assert "; wall time " in (markdown := (run_dir / "toy_benchmark.md").read_text())
     assert "2 runs at a time, 1 thread(s) each" in markdown
+    # the records the run processes wrote match the config this process composes: a resume reuses them
+    assert benchmark_main([*arguments, f"resume_dir={run_dir}"])["reused_runs"] == 2
 
     # a run that fails names itself and its log; the benchmark fails
     failed = r"benchmark run baseline, seed 0 failed \(exit 1\); its log: .*baseline/seed0/benchmark_run.log"

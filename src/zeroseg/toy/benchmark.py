@@ -21,8 +21,10 @@ logged before and after every run.
 
 A benchmark takes long; ``resume_dir=<run directory>`` continues one: every run that finished there
 (its ``benchmark_run.json`` record) is reused, the others train, and the tables cover all of them. A
-record whose overrides differ from what the run would get now stops the benchmark with both lists
-(never a silent mix of settings). The same mechanism adds a new method's row to a published
+record whose overrides differ from what the run would get now stops the benchmark with both lists, and
+so does one whose resolved config differs from what the same overrides compose now (a YAML default
+changed since; the record holds the run's config but ``paths``): never a silent mix of settings.
+The same mechanism adds a new method's row to a published
 benchmark without retraining the others. ``Total`` in the table is the sum of the runs' own times,
 so it does not depend on how many invocations it took.
 
@@ -172,8 +174,34 @@ def _run_overrides(bench: DictConfig, row: BenchmarkRow, seed: int, run_dir: Pat
     return [*overrides, *bench.run_overrides]
 
 
-def _finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
-    """The record of a run that finished in ``run_dir`` with exactly ``overrides``; ``None`` if none."""
+def _run_config(root_dir: str, run_dir: Path, trainable: bool, overrides: list[str]) -> DictConfig:
+    """The config a run composes: ``train`` for a trainable row, ``eval`` for a training-free one."""
+    if trainable:
+        return compose_config("train", overrides, run_dir, root_dir=root_dir)
+    # eval.yaml has no callbacks, and a training-free run has no training checkpoint to choose
+    eval_overrides = [o for o in overrides if not _override_key(o).startswith(("callbacks", "test_checkpoint"))]
+    return compose_config("eval", eval_overrides, run_dir, root_dir=root_dir)
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What a run computes: its whole resolved config but ``paths`` (where it writes). A default changed in
+    a YAML file since a record was written (a method's toy setting) shows here, not in the overrides."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("paths", None)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like trees."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        keys = sorted(set(recorded) | set(current), key=str)
+        return [d for k in keys for d in _differences(recorded.get(k, "<absent>"), current.get(k, "<absent>"), f"{prefix}{k}.")]
+    return [] if recorded == current else [f"{prefix[:-1]}: {recorded!r} then, {current!r} now"]
+
+
+def _finished_run(run_dir: Path, overrides: list[str], settings: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """The record of a run that finished in ``run_dir`` with exactly ``overrides`` and the same resolved
+    config (``settings()``, composed only when a record exists); ``None`` if none."""
     path = run_dir / RUN_RECORD
     if not path.is_file():
         return None
@@ -183,19 +211,26 @@ def _finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
             f"{path}: this run finished with overrides {record.get('overrides')}, but the benchmark would now "
             f"run it with {overrides}; resume into a fresh directory or delete {run_dir}"
         )
+    if "settings" not in record:
+        raise ValueError(
+            f"{path}: this record does not hold the run's resolved config (written before zeroseg recorded it), so a "
+            f"YAML default changed since cannot be ruled out; resume into a fresh directory or delete {run_dir}"
+        )
+    differences = _differences(record["settings"], settings())
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        raise ValueError(
+            f"{path}: the same overrides now compose another config ({shown}); resume into a fresh directory or "
+            f"delete {run_dir}"
+        )
     return record["run"]
 
 
 def _run_one(root_dir: str, run_dir: Path, trainable: bool, seed: int, overrides: list[str]) -> dict[str, Any]:
     started_at, started = time.time(), time.perf_counter()
-    if trainable:
-        cfg = compose_config("train", overrides, run_dir, root_dir=root_dir)
-        metrics, _ = train(cfg)
-    else:
-        # eval.yaml has no callbacks, and a training-free run has no training checkpoint to choose
-        eval_overrides = [o for o in overrides if not _override_key(o).startswith(("callbacks", "test_checkpoint"))]
-        cfg = compose_config("eval", eval_overrides, run_dir, root_dir=root_dir)
-        metrics, _ = evaluate(cfg)
+    cfg = _run_config(root_dir, run_dir, trainable, overrides)
+    settings = run_settings(cfg)  # before the run: nothing it adds to its config counts
+    metrics, _ = train(cfg) if trainable else evaluate(cfg)
     seconds = time.perf_counter() - started
     run = {
         "seed": seed,
@@ -208,7 +243,8 @@ def _run_one(root_dir: str, run_dir: Path, trainable: bool, seed: int, overrides
         "threads": torch.get_num_threads(),
     }
     # written last: a run interrupted before this point is trained again by resume_dir
-    atomic_write_text(run_dir / RUN_RECORD, json.dumps({"overrides": overrides, "run": run}, indent=2) + "\n")
+    record = {"overrides": overrides, "settings": settings, "run": run}
+    atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
     return run
 
 
@@ -359,19 +395,22 @@ def run_in_order(
     workers: int,
     execute: Callable[[BenchmarkRun], Any],
     abort: Callable[[], None] = lambda: None,
+    finished: dict[tuple[str, int], Any] | None = None,
 ) -> dict[tuple[str, int], Any]:
-    """``execute`` every run, at most ``workers`` at a time, none before the run it comes ``after``.
+    """``execute`` every run, at most ``workers`` at a time, none before the run it comes ``after``
+    (which is either among ``runs`` or already in ``finished``, e.g. reused from an earlier invocation).
 
     ``workers == 1`` runs in this thread and lets the first error through. Otherwise runs execute in
     worker threads; after a failure no new run starts, the running ones finish, and the first error is
     raised (the others are logged). Any interruption of the waiting thread (Ctrl-C, SIGTERM turned
     into ``SystemExit``) calls ``abort`` before the worker threads are joined.
     """
-    keys = {run.key for run in runs}
+    finished = dict(finished or {})
+    keys = {run.key for run in runs} | set(finished)
     missing = [run for run in runs if run.after is not None and run.after not in keys]
     if missing:
         raise ValueError(f"benchmark runs {[r.key for r in missing]} come after runs that are not planned")
-    pending, finished = list(runs), {}
+    pending = list(runs)
     if workers <= 1:
         while pending:
             run = _next_ready(pending, finished)
@@ -442,7 +481,6 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
         "seeds": seeds,
         "overrides": [*bench.overrides, *bench.run_overrides],
         "run_dir": str(run_dir),
-        "reused_runs": 0,
         "workers": workers,
         "rows": [],
     }
@@ -452,19 +490,27 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
         results["threads_per_run"] = processes.threads
     started = time.perf_counter()
     index = {run.key: k for k, run in enumerate(plan, start=1)}
-    reuse_lock = threading.Lock()
+    # finished runs of an earlier invocation (resume_dir), checked here in this thread: composing a config
+    # to compare is not thread-safe (Hydra's global state)
+    reused: dict[tuple[str, int], dict[str, Any]] = {}
+    for planned in plan:
+        seed_dir = run_dir / _row_directory(planned.row) / f"seed{planned.seed}"
+        overrides = _run_overrides(bench, planned.row, planned.seed, run_dir)
+        trainable = planned.row.trainable
+        run = _finished_run(
+            seed_dir, overrides, lambda: run_settings(_run_config(str(bench.root_dir), seed_dir, trainable, overrides))
+        )
+        if run is not None:
+            progress = (bench.name, index[planned.key], len(plan), planned.row.name, planned.seed)
+            log.info("benchmark %s: run %d/%d — %s, seed %d: reused (%s)", *progress, seed_dir / RUN_RECORD)
+            reused[planned.key] = run
+    results["reused_runs"] = len(reused)
 
     def execute(planned: BenchmarkRun) -> dict[str, Any]:
         row, seed = planned.row, planned.seed
         progress = (bench.name, index[planned.key], len(plan), row.name, seed)
         seed_dir = run_dir / _row_directory(row) / f"seed{seed}"
         overrides = _run_overrides(bench, row, seed, run_dir)
-        run = _finished_run(seed_dir, overrides)
-        if run is not None:
-            log.info("benchmark %s: run %d/%d — %s, seed %d: reused (%s)", *progress, seed_dir / RUN_RECORD)
-            with reuse_lock:
-                results["reused_runs"] += 1
-            return run
         log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
         if processes is None:
             run = _run_one(str(bench.root_dir), seed_dir, row.trainable, seed, overrides)
@@ -481,7 +527,9 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
         # SIGTERM (scancel, kill) reaches the waiting thread as SystemExit, so the runs are stopped too
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        finished = run_in_order(plan, workers, execute, abort=processes.terminate if processes else lambda: None)
+        to_run = [planned for planned in plan if planned.key not in reused]
+        abort = processes.terminate if processes else lambda: None
+        finished = run_in_order(to_run, workers, execute, abort=abort, finished=reused)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
