@@ -30,7 +30,7 @@ so it does not depend on how many invocations it took.
 
 Two-stage methods (DeOP, MAFT, ``multipass_clip`` on frozen proposals) name their first stage in
 ``stage1: {method: row}``: each seed's run gets that row's run of the same seed as
-``method.proposals.ckpt_path=<its run>/checkpoints/last.ckpt``, runs after every one-stage row, and
+``method.proposals.ckpt_path=<its run>/checkpoints/last.ckpt``, runs once that run has finished, and
 its time in the table includes the first stage's (``Total`` counts that run once).
 
 Runs go ``workers`` at a time (default 2: on a 2-core machine two one-thread runs finish the
@@ -490,27 +490,30 @@ def run_benchmark(bench: DictConfig, run_dir: Path) -> dict[str, Any]:
         results["threads_per_run"] = processes.threads
     started = time.perf_counter()
     index = {run.key: k for k, run in enumerate(plan, start=1)}
+
+    def place(planned: BenchmarkRun) -> tuple[Path, list[str], tuple[Any, ...]]:
+        """A planned run's directory, its overrides, and its progress fields for the log."""
+        row, seed = planned.row, planned.seed
+        progress = (bench.name, index[planned.key], len(plan), row.name, seed)
+        return run_dir / _row_directory(row) / f"seed{seed}", _run_overrides(bench, row, seed, run_dir), progress
+
     # finished runs of an earlier invocation (resume_dir), checked here in this thread: composing a config
     # to compare is not thread-safe (Hydra's global state)
     reused: dict[tuple[str, int], dict[str, Any]] = {}
     for planned in plan:
-        seed_dir = run_dir / _row_directory(planned.row) / f"seed{planned.seed}"
-        overrides = _run_overrides(bench, planned.row, planned.seed, run_dir)
+        seed_dir, overrides, progress = place(planned)
         trainable = planned.row.trainable
         run = _finished_run(
             seed_dir, overrides, lambda: run_settings(_run_config(str(bench.root_dir), seed_dir, trainable, overrides))
         )
         if run is not None:
-            progress = (bench.name, index[planned.key], len(plan), planned.row.name, planned.seed)
             log.info("benchmark %s: run %d/%d — %s, seed %d: reused (%s)", *progress, seed_dir / RUN_RECORD)
             reused[planned.key] = run
     results["reused_runs"] = len(reused)
 
     def execute(planned: BenchmarkRun) -> dict[str, Any]:
         row, seed = planned.row, planned.seed
-        progress = (bench.name, index[planned.key], len(plan), row.name, seed)
-        seed_dir = run_dir / _row_directory(row) / f"seed{seed}"
-        overrides = _run_overrides(bench, row, seed, run_dir)
+        seed_dir, overrides, progress = place(planned)
         log.info("benchmark %s: run %d/%d — %s, seed %d (elapsed %s)", *progress, _clock(started))
         if processes is None:
             run = _run_one(str(bench.root_dir), seed_dir, row.trainable, seed, overrides)
