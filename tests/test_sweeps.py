@@ -15,7 +15,7 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 C2S, CHIMERA = "zeroseg.methods.CLIPToSeg", "zeroseg.methods.ChimeraSeg"
 # experiment -> (paper table, number of jobs, backbone, iterations)
@@ -131,9 +131,43 @@ def test_world_toy_turns_the_same_jobs_into_a_toy_proxy(experiment: str) -> None
         choices = cfg.hydra.runtime.choices
         assert (choices.dataset, choices.backbone, choices.clip, choices.trainer) == ("synthetic", "resnet18", "toy", "cpu")
         assert cfg.trainer.max_steps == 300 and cfg.method.optimizer.lr == 1e-3 and cfg.method.scheduler.warmup_steps == 0
-        assert cfg.method.lr_multipliers is None and cfg.world.proxy and "toy_proxy" in cfg.tags
+        assert cfg.method.lr_multipliers == {} and cfg.world.proxy and "toy_proxy" in cfg.tags
         if cfg.method._target_ == CHIMERA:
             assert cfg.method.top_k_budget_steps == 80000  # 300 toy steps walk the paper's K range
+
+
+CONF = Path(__file__).resolve().parents[1] / "src" / "zeroseg" / "conf"
+
+
+@pytest.mark.parametrize(
+    ("experiment", "method_yaml"),
+    [
+        ("maft_ablation_iters", "maft"),  # fine-tunes at 1e-5 (the recipe's rate, and its YAML's)
+        ("split_matching_ablation_embedding", "split_matching"),  # 30 warm-up steps, wd 0.05, clip 0.01
+        ("deop_ablation_gps", "deop"),
+        ("c2s_ablation_bank", "c2s"),
+    ],
+)
+def test_world_toy_trains_each_method_with_its_own_toy_optimisation(experiment: str, method_yaml: str) -> None:
+    """The toy benchmark trains a method with its YAML's optimisation; a +world=toy proxy must too (it once
+    forced AdamW 1e-3 without warm-up on every method: MAFT's 1e-5 fine-tuning ran at 1e-3)."""
+    own = yaml.safe_load((CONF / "method" / f"{method_yaml}.yaml").read_text())
+    jobs = sweep_jobs(experiment, ("+world=toy",))
+    assert jobs
+    for _, _, cfg in jobs:
+        # key by key: other method values may need the run's directory (a Hydra run) to resolve
+        method = {key: OmegaConf.select(cfg.method, key) for key in ("optimizer", "scheduler", "lr_multipliers", "weight_decay_exempt", "gradient_clip_norm")}
+        method = {key: OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value for key, value in method.items()}
+        assert method["optimizer"]["lr"] == own["optimizer"]["lr"], experiment
+        assert method["optimizer"]["weight_decay"] == own["optimizer"]["weight_decay"]
+        assert method["scheduler"]["warmup_steps"] == own["scheduler"]["warmup_steps"]
+        assert method["scheduler"]["power"] == own["scheduler"]["power"]
+        assert method["lr_multipliers"] == own["lr_multipliers"]
+        assert method["weight_decay_exempt"] == own["weight_decay_exempt"]
+        assert method["gradient_clip_norm"] == own.get("gradient_clip_norm")
+    # the command line still wins over the toy optimisation
+    _, _, cfg = sweep_jobs(experiment, ("+world=toy", "method.optimizer.lr=0.25"))[0]
+    assert cfg.method.optimizer.lr == 0.25
 
 
 def _fake_sweep(root: Path, rows: dict[str, str], jobs: list[tuple[str, float | None]], world: dict | None = None) -> None:

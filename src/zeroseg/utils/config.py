@@ -43,7 +43,15 @@ def known_top_level_keys(config_name: str) -> set[str]:
     conf = files("zeroseg.conf")
     primary = OmegaConf.create(conf.joinpath(f"{config_name}.yaml").read_text())
     groups = {entry.name for entry in conf.iterdir() if entry.is_dir() and not entry.name.startswith("_")}
-    return (set(primary.keys()) - {"defaults"}) | groups
+    # a defaults entry `group@package: option` puts a group's config at another top-level key
+    packages = {
+        str(key).split("@", 1)[1].split(".", 1)[0]
+        for entry in primary.get("defaults", [])
+        if isinstance(entry, DictConfig)
+        for key in entry.keys()
+        if "@" in str(key)
+    }
+    return (set(primary.keys()) - {"defaults"}) | groups | packages
 
 
 def warn_unknown_keys(cfg: DictConfig, config_name: str) -> list[str]:
