@@ -261,3 +261,41 @@ def test_input_scale_resizes_what_the_backbone_sees_and_scores_stay_at_the_input
     assert scores.shape == (2, 5, 32, 48) and masks.shape[-2:] == (16, 24)  # 1/4 of the resized images
     with pytest.raises(ValueError, match=r"method.input_scale=0: expected a positive factor"):
         build_run(make_cfg([*QUERY, "method.input_scale=0"], subdir="bad"), with_callbacks=False)
+
+
+def test_calibration_adds_gamma_to_the_unseen_query_logits_at_evaluation_only(make_cfg) -> None:
+    from zeroseg.build import build_run
+    from zeroseg.predict import open_vocabulary_logits
+
+    gamma = 1.5
+    model = build_run(make_cfg([*QUERY, f"method.calibration={gamma}"]), with_callbacks=False)["model"].eval()
+    unseen = list(model.unseen_class_ids)
+    assert unseen and len(unseen) < model.split.num_classes
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        final = model.predictions(images, model.class_text_embeddings)[-1]
+        scores = model.segment(images)
+    # by hand: + gamma on the unseen classes' logits (never "no object"), softmax, drop no object, then
+    # Mask2Former's order (mask logits upsampled, sigmoid, sum over queries)
+    logits = final.class_logits.clone()
+    logits[..., unseen] += gamma
+    probabilities = logits.softmax(-1)[..., :-1]
+    masks = F.interpolate(final.mask_logits, size=(32, 32), mode="bilinear", align_corners=False).sigmoid()
+    expected = torch.einsum("bqk,bqhw->bkhw", probabilities, masks)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    plain = torch.einsum("bqk,bqhw->bkhw", final.class_logits.softmax(-1)[..., :-1], masks)
+    assert (scores[:, unseen] > plain[:, unseen]).all()  # the shift moves score to the unseen classes
+    # zeroseg.predict scores arbitrary classes without the benchmark's shift
+    embeddings = model.class_text_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(open_vocabulary_logits(model, images, embeddings), plain, rtol=1e-5, atol=1e-6)
+    # training never sees it: the same losses with and without gamma
+    batch = {"image": images, "label": torch.randint(0, len(model.train_class_names), (2, 32, 32))}  # training ids
+    losses = {}
+    for value in (0.0, gamma):
+        model.calibration = value
+        torch.manual_seed(1)
+        with torch.no_grad():
+            losses[value] = model.training_losses(batch)["loss"]
+    torch.testing.assert_close(losses[0.0], losses[gamma])

@@ -176,7 +176,7 @@ def _load_model(cfg: DictConfig, ckpt_path: Optional[str]) -> dict[str, Any]:
         checkpoint = check_checkpoint_fits(ckpt_path, model)
         model.on_load_checkpoint(checkpoint)  # puts the configured teacher's weights back (never checkpointed)
         model.load_state_dict(checkpoint["state_dict"])
-    if type(model).calibrate_logits is not ZSSMethod.calibrate_logits:
+    if type(model).calibrate_logits is not ZSSMethod.calibrate_logits or getattr(model, "calibration", 0.0) != 0.0:
         log.info(
             "%s's evaluation-time calibration of its benchmark's unseen classes is not applied to your classes",
             type(model).__name__,

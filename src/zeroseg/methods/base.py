@@ -265,8 +265,14 @@ class ZSSMethod(L.LightningModule):
     def segment(self, images: Tensor, size: Optional[Sequence[int]] = None) -> Tensor:
         """Logits over ALL classes by the configured inference mode, resized to ``size``
         (default: the input resolution)."""
-        logits = self.inference(lambda x: self.predict_logits(x, self.class_text_embeddings), images)
+        logits = self.inference(self.evaluation_logits, images)
         return self.calibrate_logits(resize_logits(logits, size if size is not None else images.shape[-2:]))
+
+    def evaluation_logits(self, images: Tensor) -> Tensor:
+        """Logits of a whole image or one window over the dataset's classes, as :meth:`segment` scores them:
+        :meth:`predict_logits` against their text embeddings (a method with an evaluation-only calibration
+        inside its prediction overrides this; ``zeroseg.predict`` calls :meth:`predict_logits` directly)."""
+        return self.predict_logits(images, self.class_text_embeddings)
 
     def open_vocabulary_embeddings(self, class_names: Sequence[str]) -> Tensor:
         """The classifier this method puts arbitrary class names through (``zeroseg.predict``): the teacher's

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -50,6 +51,12 @@ class QueryBaseline(ZSSMethod):
             and inference; labels and outputs keep the input size. 1 (default, the recipes) = as given.
             The toy world's 64-px scenes leave a 1/32 map of 2×2 for the decoder's coarsest level;
             Mask2Former's recipes train at 512 px, so the toy setting runs the stack at 1.5× (README).
+        calibration: γ added to the unseen classes' query class logits before the softmax, in validation and
+            test (METHODS.md "Common protocol": an optional calibration of unseen vs seen scores; Chimera-Seg
+            adds its γ to per-pixel logits, a query model has one class distribution per query, so γ goes
+            there). 0 (default) = none: Mask2Former, and Split Matching's Table 2 "Baseline". Never applied in
+            training, nor to the classes given to ``zeroseg.predict``. docs/query_stack.md measures it in the
+            toy world: γ 2 lifts hIoU from 19.6 to 43 but does not steady it across seeds.
     """
 
     def __init__(
@@ -60,12 +67,14 @@ class QueryBaseline(ZSSMethod):
         criterion: Optional[Mapping[str, Any]] = None,
         inference_order: InferenceOrder = "upsample_first",
         input_scale: float = 1.0,
+        calibration: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not input_scale > 0:
             raise ValueError(f"method.input_scale={input_scale!r}: expected a positive factor (1 = images as given)")
         self.input_scale = float(input_scale)
+        self.calibration = float(calibration)
         if inference_order not in INFERENCE_ORDERS:
             raise ValueError(f"method.inference_order={inference_order!r} is not one of {list(INFERENCE_ORDERS)}")
         self.inference_order = inference_order
@@ -84,12 +93,24 @@ class QueryBaseline(ZSSMethod):
             images = F.interpolate(images, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
         return self.segmenter(self.backbone(images), class_embeddings)
 
-    def predict_logits(self, images: Tensor, class_embeddings: Tensor) -> Tensor:
+    def predict_logits(self, images: Tensor, class_embeddings: Tensor, class_bias: Optional[Tensor] = None) -> Tensor:
         """Class scores ``(B, K, H, W)`` at the size of ``images`` (a whole image or one sliding window;
         the base resizes them to the label size afterwards, as Mask2Former's ``sem_seg_postprocess``
-        resizes its scores to the output size)."""
+        resizes its scores to the output size). ``class_bias`` ``(K,)`` is added to every query's logits of
+        the K classes (not to "no object") before the softmax."""
         final = self.predictions(images, class_embeddings)[-1]
-        return semantic_inference(final.class_logits, final.mask_logits, images.shape[-2:], self.inference_order)
+        class_logits = final.class_logits
+        if class_bias is not None:
+            class_logits = class_logits + F.pad(class_bias.to(class_logits.dtype), (0, 1))
+        return semantic_inference(class_logits, final.mask_logits, images.shape[-2:], self.inference_order)
+
+    def evaluation_logits(self, images: Tensor) -> Tensor:
+        """The base's evaluation scores, with γ on the unseen classes' query logits (``calibration``)."""
+        if self.calibration == 0.0:
+            return super().evaluation_logits(images)
+        bias = torch.zeros(self.split.num_classes, device=images.device)
+        bias[torch.as_tensor(self.unseen_class_ids, dtype=torch.long, device=images.device)] = self.calibration
+        return self.predict_logits(images, self.class_text_embeddings, bias)
 
     def training_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         targets = targets_from_labels(batch["label"], self.ignore_index)
