@@ -198,3 +198,22 @@ def test_collect_sweep_renders_table_iii_with_the_c2s_row_and_marks_toy_proxies(
     assert "proxy" not in out
     assert collect_sweep.main([str(tmp_path / "toy")]) == 0
     assert "toy-world proxy" in capsys.readouterr().out
+
+
+def test_every_experiment_composes_without_unknown_top_level_keys() -> None:
+    """A run warns about top-level keys nothing reads (a typo such as +seeed=1); the keys the experiments
+    themselves set (a sweep's table, a world's values) must not trip it, in either world."""
+    from zeroseg.utils import warn_unknown_keys
+
+    experiments = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
+    assert len(experiments) > 30
+    unknown = {}
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
+        for experiment in experiments:
+            for world in ((), ("+world=toy",)):
+                keys = warn_unknown_keys(compose("train", overrides=[f"experiment={experiment}", *world]), "train")
+                if keys:
+                    unknown[(experiment, world)] = keys
+    GlobalHydra.instance().clear()
+    assert unknown == {}
