@@ -4,6 +4,7 @@ toy proxy, and Table XIII's best-match IoU (scripts/measure_mask_iou.py) against
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -37,14 +38,17 @@ def _proposal_set() -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels
 
 
-def test_mask_proposal_generator_on_a_hand_built_proposal_set() -> None:
+@pytest.mark.parametrize("query_chunk", [1, 2, 3, 16])
+def test_mask_proposal_generator_on_a_hand_built_proposal_set(query_chunk: int) -> None:
     logits, labels = _proposal_set()
-    out = proposal_pseudo_masks(logits, labels, num_seen=2, ignore_index=IGNORE)
+    # the same hand-computed answers however the queries are chunked
+    generate = functools.partial(proposal_pseudo_masks, query_chunk=query_chunk)
+    out = generate(logits, labels, num_seen=2, ignore_index=IGNORE)
     # kept proposals P0, P2, P3 become latent classes 2, 3, 4 (in query order, P1 dropped); seen pixels stay
     expected = [[1, 2, 3, 3], [2, 2, 3, 3], [IGNORE, IGNORE, IGNORE, IGNORE], [4, 4, 4, 1]]
     assert out[0].tolist() == expected
     # min_area 4/16: P0 (3 pixels) and P3 (3 pixels) are dropped; P2 is the only latent class
-    small = proposal_pseudo_masks(logits, labels, num_seen=2, ignore_index=IGNORE, min_area=4 / 16)
+    small = generate(logits, labels, num_seen=2, ignore_index=IGNORE, min_area=4 / 16)
     assert small[0].tolist() == [
         [1, IGNORE, 2, 2],
         [IGNORE, IGNORE, 2, 2],
@@ -53,11 +57,24 @@ def test_mask_proposal_generator_on_a_hand_built_proposal_set() -> None:
     ]
     # a low-confidence proposal takes no part: P2's pixels would go to the next proposal, all below 0.5
     scores = torch.tensor([[0.9, 0.9, 0.1, 0.9]])
-    scored = proposal_pseudo_masks(logits, labels, num_seen=2, ignore_index=IGNORE, scores=scores, score_threshold=0.5)
+    scored = generate(logits, labels, num_seen=2, ignore_index=IGNORE, scores=scores, score_threshold=0.5)
     assert scored[0].tolist() == [[1, 2, IGNORE, IGNORE], [2, 2, IGNORE, IGNORE], [IGNORE, IGNORE, IGNORE, IGNORE], [3, 3, 3, 1]]
     # a stricter mask threshold removes the weak bottom row
-    strict = proposal_pseudo_masks(logits, labels, num_seen=2, ignore_index=IGNORE, mask_threshold=0.6)
+    strict = generate(logits, labels, num_seen=2, ignore_index=IGNORE, mask_threshold=0.6)
     assert strict[0, 3].tolist() == [IGNORE, IGNORE, IGNORE, 1]
+
+
+@pytest.mark.parametrize("query_chunk", [1, 2, 4])
+def test_equal_mask_logits_go_to_the_earlier_proposal_across_chunks(query_chunk: int) -> None:
+    logits = torch.full((1, 4, 2, 2), -5.0)
+    logits[0, 1] = 2.0  # P1 and P3 tie everywhere: P1 (earlier) takes the image
+    logits[0, 3] = 2.0
+    logits[0, 2, 0, 0] = 3.0  # P2 beats both at (0, 0)
+    labels = torch.full((1, 2, 2), IGNORE)
+    out = proposal_pseudo_masks(logits, labels, num_seen=1, ignore_index=IGNORE, query_chunk=query_chunk)
+    assert out[0].tolist() == [[2, 1], [1, 1]]  # kept P1 -> latent 1, P2 -> latent 2
+    with pytest.raises(ValueError, match=r"query_chunk=0: expected a positive number"):
+        proposal_pseudo_masks(logits, labels, num_seen=1, ignore_index=IGNORE, query_chunk=0)
 
 
 class _FixedProposals(nn.Module):
