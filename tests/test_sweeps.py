@@ -168,6 +168,13 @@ def test_world_toy_trains_each_method_with_its_own_toy_optimisation(experiment: 
     # the command line still wins over the toy optimisation
     _, _, cfg = sweep_jobs(experiment, ("+world=toy", "method.optimizer.lr=0.25"))[0]
     assert cfg.method.optimizer.lr == 0.25
+    # eval and predict of a proxy job compose the same overrides
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="zeroseg.conf", version_base="1.3"):
+        for config_name in ("eval", "predict"):
+            cfg = compose(config_name, overrides=[f"experiment={experiment}", "+world=toy"])
+            assert cfg.method.optimizer.lr == own["optimizer"]["lr"], config_name
+    GlobalHydra.instance().clear()
 
 
 def _fake_sweep(root: Path, rows: dict[str, str], jobs: list[tuple[str, float | None]], world: dict | None = None) -> None:
