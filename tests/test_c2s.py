@@ -317,3 +317,24 @@ def test_region_passes_see_masked_images_at_region_image_size(make_cfg, size: st
     model.training_losses(batch)
     assert sizes[0] == tuple(batch["image"].shape[-2:])  # the global + dense pass
     assert len(sizes) > 1 and all(s == (expected, expected) for s in sizes[1:])
+
+
+@pytest.mark.parametrize(
+    ("method", "override", "message"),
+    [
+        ("c2s", "+method.pseudo_masks.iteration=5", r"method.pseudo_masks.iteration: not an option of generate_pseudo_masks \(did you mean 'iterations'\?\)"),
+        ("c2s", "+method.pseudo_masks.panoptic_cut.tua=0.2", r"method.pseudo_masks.panoptic_cut.tua: not an option of panoptic_cut_pseudo_masks \(did you mean 'tau'\?\)"),
+        ("c2s", "+method.pseudo_masks.mask_proposal.scores=1", r"method.pseudo_masks.mask_proposal.scores: not an option of proposal_pseudo_masks"),
+        ("chimera", "+method.pseudo_masks.thresold=0.5", r"method.pseudo_masks.thresold: not an option of generate_pseudo_masks \(did you mean 'threshold'\?\)"),
+    ],
+)
+def test_a_misspelt_pseudo_mask_option_stops_at_construction_naming_its_key(make_cfg, method: str, override: str, message: str) -> None:
+    # before, the dict reached the generator as keyword arguments and the first training step raised a TypeError
+    with pytest.raises(ValueError, match=message):
+        build_run(make_cfg([f"method={method}", override]), with_callbacks=False)
+
+
+def test_every_documented_pseudo_mask_option_is_accepted(make_cfg) -> None:
+    overrides = ["method=c2s", "+method.pseudo_masks.mask_proposal.query_chunk=8", "method.pseudo_masks.panoptic_cut.tau=0.2"]
+    model = build_run(make_cfg(overrides), with_callbacks=False)["model"]
+    assert model.proposal_options["query_chunk"] == 8 and model.panoptic_cut_options["tau"] == 0.2

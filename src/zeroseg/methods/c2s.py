@@ -68,6 +68,7 @@ from zeroseg.toolkit.dense import (
 )
 from zeroseg.toolkit.losses import dice_loss, info_nce, softmax_focal_loss
 from zeroseg.toolkit.pseudo_masks import GENERATORS, panoptic_cut_pseudo_masks, proposal_pseudo_masks
+from zeroseg.utils.config import check_keyword_options
 
 __all__ = ["CLIPToSeg", "global_feature", "global_distillation_loss", "latent_queries"]
 
@@ -229,6 +230,13 @@ class CLIPToSeg(ZSSMethod):
         self.proposal_options = dict(options.pop("mask_proposal", None) or {})
         proposal_ckpt = self.proposal_options.pop("ckpt_path", None)
         self.pseudo_mask_options = options  # the kmeans generator's (Sec. III-B)
+        per_image = ("dense_features", "labels", "num_seen", "ignore_index")
+        check_keyword_options(generate_pseudo_masks, options, "method.pseudo_masks", passed_by_caller=per_image)
+        check_keyword_options(panoptic_cut_pseudo_masks, self.panoptic_cut_options, "method.pseudo_masks.panoptic_cut", passed_by_caller=per_image)
+        check_keyword_options(
+            proposal_pseudo_masks, self.proposal_options, "method.pseudo_masks.mask_proposal",
+            passed_by_caller=("mask_logits", "labels", "num_seen", "ignore_index", "scores"),
+        )  # fmt: skip
         # the frozen proposal model is kept out of the module tree: never checkpointed, never trained
         self._proposal_model: dict[str, nn.Module] = {}
         if self.pseudo_mask_generator == "mask_proposal":

@@ -64,6 +64,7 @@ from zeroseg.models.clip_semantic_head import CLIPSemanticHead
 from zeroseg.toolkit import gather_across_ranks, generate_pseudo_masks, padded_regions
 from zeroseg.toolkit.dense import cosine_logits, latent_class_embeddings, region_means, seen_and_latent_logits
 from zeroseg.toolkit.losses import info_nce, softmax_focal_loss
+from zeroseg.utils.config import check_keyword_options
 
 __all__ = ["ChimeraSeg", "scheduled_top_k", "selective_global_feature", "semantic_alignment_loss"]
 
@@ -213,6 +214,10 @@ class ChimeraSeg(ZSSMethod):
         self.focal_weight, self.ce_weight, self.focal_gamma = focal_weight, ce_weight, focal_gamma
         self.gamma, self.gamma_in_transductive = gamma, gamma_in_transductive
         self.pseudo_mask_options = dict(pseudo_masks or {})
+        check_keyword_options(
+            generate_pseudo_masks, self.pseudo_mask_options, "method.pseudo_masks",
+            passed_by_caller=("dense_features", "labels", "num_seen", "ignore_index"),
+        )  # fmt: skip
         unseen = torch.zeros(len(self.class_names), dtype=torch.bool)
         unseen[self.unseen_class_ids] = True
         self.register_buffer("unseen_mask", unseen, persistent=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "check_keyword_options": "config",
     "compose_config": "config",
     "warn_unknown_keys": "config",
     "instantiate_callbacks": "instantiate",

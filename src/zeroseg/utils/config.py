@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from importlib.resources import files
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compose_config", "known_top_level_keys", "warn_unknown_keys"]
+__all__ = ["check_keyword_options", "compose_config", "known_top_level_keys", "warn_unknown_keys"]
 
 
 def compose_config(
@@ -65,3 +66,19 @@ def warn_unknown_keys(cfg: DictConfig, config_name: str) -> list[str]:
         hint = f"; did you mean {close[0]}?" if close else f"; the top-level keys are {', '.join(present)}"
         log.warning("config key '%s' is not a zeroseg setting and nothing reads it (added with +%s=...)%s", key, key, hint)
     return unknown
+
+
+def check_keyword_options(
+    function: Callable[..., Any], options: Mapping[str, Any], key: str, passed_by_caller: Sequence[str] = ()
+) -> None:
+    """Stop at construction, naming ``<key>.<name>``, when a config dict that will be passed to ``function`` as
+    keyword arguments holds a name it does not take (otherwise the first training step fails with a TypeError).
+    ``passed_by_caller``: the parameters the caller fills itself, not options."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(function).parameters
+    accepted = [name for name, p in parameters.items() if p.kind in kinds and name not in passed_by_caller]
+    for name in options:
+        if name not in accepted:
+            close = difflib.get_close_matches(str(name), accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key}.{name}: not an option of {function.__name__}{hint}; its options are {accepted}")
